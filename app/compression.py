@@ -1,0 +1,69 @@
+"""Stream compressors and decompressors (zstd, gzip, none) behind one tiny interface.
+
+zstd and gzip frames are standard, so ``zstd -dc`` / ``gunzip`` read every artifact with stock tools.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import zstandard
+
+
+class Compressor(Protocol):
+    def compress(self, data: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+class _Identity:
+    def compress(self, data: bytes) -> bytes:
+        return data
+
+    def flush(self) -> bytes:
+        return b""
+
+
+class CorruptArchive(ValueError):
+    """The compressed stream is damaged or ends early."""
+
+
+def compressor(kind: str, level: int) -> Compressor:
+    if kind == "zstd":
+        return zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
+    if kind == "gzip":
+        return zlib.compressobj(level, zlib.DEFLATED, 31)
+    if kind == "none":
+        return _Identity()
+    raise ValueError(f"unknown compression {kind!r}")
+
+
+def decompress(chunks: Iterable[bytes], kind: str) -> Iterator[bytes]:
+    """Decompress a stream; raise CorruptArchive if it is damaged, truncated or followed by garbage."""
+    if kind == "none":
+        yield from chunks
+        return
+    if kind == "zstd":
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        errors: tuple[type[Exception], ...] = (zstandard.ZstdError,)
+    elif kind == "gzip":
+        dobj = zlib.decompressobj(31)
+        errors = (zlib.error,)
+    else:
+        raise ValueError(f"unknown compression {kind!r}")
+    try:
+        for chunk in chunks:
+            if dobj.eof:
+                if chunk:
+                    raise CorruptArchive("data after the end of the compressed stream")
+                continue
+            out = dobj.decompress(chunk)
+            if out:
+                yield out
+            if dobj.eof and dobj.unused_data:
+                raise CorruptArchive("data after the end of the compressed stream")
+    except errors as exc:
+        raise CorruptArchive(f"the {kind} stream is damaged: {exc}") from exc
+    if not dobj.eof:
+        raise CorruptArchive(f"the {kind} stream ends early (truncated artifact)")
