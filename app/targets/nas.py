@@ -204,7 +204,7 @@ class NasTarget(Target):
                 try:
                     if datetime.fromtimestamp(path.stat().st_mtime, UTC) < cutoff:
                         path.unlink()
-                        removed.append(path.relative_to(self.root).as_posix())
+                        removed.append(path.relative_to(self.root).as_posix().split(PARTIAL_MARK)[0])
                 except FileNotFoundError:
                     continue
         return removed

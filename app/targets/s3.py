@@ -91,7 +91,7 @@ class _S3Upload(Upload):
     def _wait_pending(self) -> None:
         if self.pending is not None:
             future, self.pending = self.pending, None
-            etag = self.t.call(future.result, f"upload a part of {self.key}")
+            etag = self.t.call(future.result, action=f"upload a part of {self.key}")
             self.parts.append(Part(len(self.parts) + 1, etag))
             if len(self.parts) >= 10_000:
                 raise TargetError(

@@ -1,0 +1,255 @@
+"""Real servers for the tests: PostgreSQL with scram password auth, an S3 server, and the real CLI.
+
+With a Docker engine, PostgreSQL and MinIO come from testcontainers; without one (CI, these machines) a
+throwaway PostgreSQL cluster is started from the installed server binaries and moto's S3 server stands in
+for MinIO. Either way the tests speak real protocols over real sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import pytest
+from minio import Minio
+
+REPO = Path(__file__).resolve().parent.parent
+#: A password that must never appear anywhere but in PGPASSWORD of a child's environment.
+CANARY = "Canary-" + secrets.token_hex(8) + "-pw"
+
+
+def docker_available() -> bool:
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://"):
+        return Path(host[len("unix://"):]).is_socket()
+    return True  # tcp:// hosts: let testcontainers try
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pg_bin_dir() -> Path:
+    for major in (18, 17, 16, 15, 14, 13):
+        path = Path(f"/usr/lib/postgresql/{major}/bin")
+        if (path / "initdb").exists():
+            return path
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    raise RuntimeError("no PostgreSQL server binaries (hint: apt-get install postgresql; .ci/run does it)")
+
+
+@dataclass
+class PgServer:
+    host: str
+    port: int
+    user: str
+    password: str
+    stop: list = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Sidecar settings that point at this server."""
+        return {"POSTGRES_HOST": self.host, "POSTGRES_PORT": str(self.port), "POSTGRES_USER": self.user,
+                "POSTGRES_PASSWORD": self.password, **extra}
+
+    def connect(self, dbname: str = "postgres") -> psycopg.Connection:
+        return psycopg.connect(host=self.host, port=self.port, user=self.user, password=self.password,
+                               dbname=dbname, autocommit=True, connect_timeout=10)
+
+    def create_db(self, name: str | None = None) -> str:
+        name = name or f"db_{uuid.uuid4().hex[:10]}"
+        with self.connect() as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return name
+
+    def drop_db(self, name: str) -> None:
+        with self.connect() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def psql(self, dbname: str, sql: str) -> str:
+        out = subprocess.run(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-h", self.host, "-p", str(self.port), "-U",
+             self.user, "-d", dbname, "-c", sql],
+            env={**os.environ, "PGPASSWORD": self.password}, capture_output=True, text=True, check=True,
+        )
+        return out.stdout.strip()
+
+
+def _start_local_cluster() -> PgServer:
+    bindir = pg_bin_dir()
+    root = Path(tempfile.mkdtemp(prefix="bs-pg-"))
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    pwfile = root / "pw"
+    pwfile.write_text(CANARY + "\n")
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+        shutil.chown(sock, "postgres")
+        shutil.chown(pwfile, "postgres")
+        root.chmod(0o755)
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        [*as_postgres, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=peer",
+         "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8"],
+        check=True, capture_output=True,
+    )
+    port = free_port()
+    log = root / "server.log"
+    subprocess.run(
+        [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
+         f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off "
+         "-c synchronous_commit=off -c max_connections=60", "start"],
+        check=True, capture_output=True,
+    )
+    server = PgServer("127.0.0.1", port, "postgres", CANARY)
+
+    def stop() -> None:
+        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+    server.stop.append(stop)
+    return server
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PgServer]:
+    """A PostgreSQL server that demands a password (scram-sha-256) over TCP."""
+    if docker_available():
+        from testcontainers.postgres import PostgresContainer
+
+        container = PostgresContainer("postgres:15", username="postgres", password=CANARY)
+        container.start()
+        server = PgServer(container.get_container_host_ip(), int(container.get_exposed_port(5432)), "postgres",
+                          CANARY, [container.stop])
+    else:
+        server = _start_local_cluster()
+    yield server
+    for stop in server.stop:
+        stop()
+
+
+@dataclass
+class S3Server:
+    endpoint: str  # host:port
+    access_key: str
+    secret_key: str
+    client: Minio
+    stop: list = field(default_factory=list)
+    is_moto: bool = False
+
+    def make_bucket(self) -> str:
+        name = f"bs-{uuid.uuid4().hex[:12]}"
+        self.client.make_bucket(name)
+        return name
+
+    def env(self, bucket: str, **extra: str) -> dict[str, str]:
+        return {"S3_ENDPOINT": f"http://{self.endpoint}", "S3_BUCKET": bucket, "S3_ACCESS_KEY_ID": self.access_key,
+                "S3_SECRET_ACCESS_KEY": self.secret_key, "S3_REGION": "us-east-1", **extra}
+
+    def keys(self, bucket: str) -> list[str]:
+        return sorted(o.object_name for o in self.client.list_objects(bucket, recursive=True))
+
+
+def _wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """MinIO through testcontainers when Docker answers, else moto's S3 server in its own process."""
+    if docker_available():
+        from testcontainers.minio import MinioContainer
+
+        container = MinioContainer()
+        container.start()
+        cfg = container.get_config()
+        server = S3Server(cfg["endpoint"], cfg["access_key"], cfg["secret_key"],
+                          Minio(cfg["endpoint"], cfg["access_key"], cfg["secret_key"], secure=False),
+                          [container.stop])
+    else:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(port)
+        endpoint = f"127.0.0.1:{port}"
+        key, secret = "test-access-key", "test-secret-" + secrets.token_hex(6)
+        server = S3Server(endpoint, key, secret, Minio(endpoint, key, secret, secure=False, region="us-east-1"),
+                          [proc.terminate], is_moto=True)
+    yield server
+    for stop in server.stop:
+        stop()
+
+
+@dataclass
+class Cli:
+    """Runs the real `python -m app` with exactly the settings a test gives (no inherited sidecar settings)."""
+
+    cwd: Path
+
+    def base_env(self) -> dict[str, str]:
+        keep = ("PATH", "HOME", "LANG", "LC_ALL", "PYTHONPATH", "TMPDIR")
+        env = {k: os.environ[k] for k in keep if k in os.environ}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env["POSTGRES_CONNECT_TIMEOUT"] = "5"
+        return env
+
+    def run(self, *args: str, env: dict[str, str], timeout: float = 300,
+            check: bool = False) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "app", *args], env={**self.base_env(), **env},
+                                cwd=self.cwd, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{args} exited {result.returncode}\nstdout:{result.stdout}\nstderr:{result.stderr}")
+        return result
+
+    def popen(self, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "app", *args], env={**self.base_env(), **env}, cwd=self.cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path)
+
+
+@pytest.fixture
+def nas(tmp_path: Path) -> Path:
+    path = tmp_path / "nas"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def bucket(s3: S3Server) -> str:
+    return s3.make_bucket()
+
+
+def all_files_text(*roots: Path) -> str:
+    """Every file's bytes under ``roots`` as text, for canary searches."""
+    chunks = []
+    for root in roots:
+        for path in root.rglob("*") if root.is_dir() else [root]:
+            if path.is_file():
+                chunks.append(path.read_bytes().decode("utf-8", "replace"))
+    return "\n".join(chunks)
