@@ -109,7 +109,7 @@ class _Slot:
 
 @dataclass(frozen=True)
 class Schedule:
-    """A validated BACKUP_SCHEDULE in zone ``tz``; constructing one raises ScheduleError when it is invalid."""
+    """A validated BACKUP_SCHEDULE in zone ``tz``; constructing one raises ScheduleError if it is invalid."""
 
     text: str
     tz: str = "UTC"
@@ -289,7 +289,9 @@ def _parse_every(text: str) -> tuple[tuple[_Slot, ...], str]:
     label = f"every {count}{unit}"
     if _DAY % period:
         slot = _Slot("interval", seconds=period)
-        return (slot,), f"{label} from process start (not aligned to the clock, so replicas cannot share slots)"
+        return (
+            slot,
+        ), f"{label} from process start (not aligned to the clock, so replicas cannot share slots)"
     if 60 % period == 0:
         slots = tuple(_Slot("minute", second=s) for s in range(0, 60, period))
         where = "past each minute at " + _short_list([f":{s.second:02d}" for s in slots])
@@ -312,7 +314,9 @@ def _parse_every(text: str) -> tuple[tuple[_Slot, ...], str]:
 def _parse_macro(text: str) -> tuple[tuple[_Slot, ...], str]:
     name = text.lower()
     if name == "@reboot":
-        raise _fail(text, "@reboot is not a schedule", "set BACKUP_ON_START=true and a regular BACKUP_SCHEDULE")
+        raise _fail(
+            text, "@reboot is not a schedule", "set BACKUP_ON_START=true and a regular BACKUP_SCHEDULE"
+        )
     if name in ("@monthly", "@yearly", "@annually"):
         raise _fail(
             text,
@@ -340,7 +344,9 @@ def _parse_cron(text: str, line: str) -> tuple[tuple[_Slot, ...], str]:
             'use a daily time such as "03:00" and rely on retention\'s monthly rule',
         )
     if month_f != "*":
-        raise _fail(text, "month is not supported", 'use "*" for the month and rely on retention\'s monthly rule')
+        raise _fail(
+            text, "month is not supported", 'use "*" for the month and rely on retention\'s monthly rule'
+        )
     minutes = _cron_field(text, "minute", minute_f, 0, 59)
     hours = _cron_field(text, "hour", hour_f, 0, 23)
     days = sorted({(d - 1) % 7 for d in _cron_field(text, "day-of-week", dow_f, 0, 7, _CRON_DAY_NAMES)})
@@ -366,7 +372,9 @@ def _parse_cron(text: str, line: str) -> tuple[tuple[_Slot, ...], str]:
     return slots, f'cron "{text}": {when} at {at}'
 
 
-def _cron_field(text: str, name: str, spec: str, low: int, high: int, names: dict[str, int] | None = None) -> list[int]:
+def _cron_field(
+    text: str, name: str, spec: str, low: int, high: int, names: dict[str, int] | None = None
+) -> list[int]:
     """Values of one cron field (lists, ranges, steps, day names), checked against [low, high]."""
 
     def value(token: str) -> int:
@@ -384,7 +392,9 @@ def _cron_field(text: str, name: str, spec: str, low: int, high: int, names: dic
     for item in spec.split(","):
         m = _CRON_ITEM.match(item)
         if not m:
-            raise _fail(text, f'{name} field "{spec}": "{item}" is not understood', "use N, N-M, */S or N-M/S")
+            raise _fail(
+                text, f'{name} field "{spec}": "{item}" is not understood', "use N, N-M, */S or N-M/S"
+            )
         step = int(m[4]) if m[4] else 1
         if step == 0:
             raise _fail(text, f'{name} field "{spec}": step 0', "use a step of 1 or more")
@@ -394,7 +404,9 @@ def _cron_field(text: str, name: str, spec: str, low: int, high: int, names: dic
             first = value(m[2])
             last = value(m[3]) if m[3] else (high if m[4] else first)
         if first > last:
-            raise _fail(text, f'{name} field "{spec}": range {item} runs backwards', "write the range low-high")
+            raise _fail(
+                text, f'{name} field "{spec}": range {item} runs backwards', "write the range low-high"
+            )
         result.update(range(first, last + 1, step))
     return sorted(result)
 

@@ -44,18 +44,33 @@ NEXT_RUNS = [
         "2026-11-22T03:00+00:00",
         ["2026-11-22T11:00+00:00", "2026-11-22T19:00+00:00", "2026-11-23T03:00+00:00"],
     ),
-    ("19:00, 3:00:30", "UTC", "2026-11-22T12:00+00:00", ["2026-11-22T19:00+00:00", "2026-11-23T03:00:30+00:00"]),
+    (
+        "19:00, 3:00:30",
+        "UTC",
+        "2026-11-22T12:00+00:00",
+        ["2026-11-22T19:00+00:00", "2026-11-23T03:00:30+00:00"],
+    ),
     (
         "every 6h",
         "UTC",
         "2026-11-22T05:00+00:00",
-        ["2026-11-22T06:00+00:00", "2026-11-22T12:00+00:00", "2026-11-22T18:00+00:00", "2026-11-23T00:00+00:00"],
+        [
+            "2026-11-22T06:00+00:00",
+            "2026-11-22T12:00+00:00",
+            "2026-11-22T18:00+00:00",
+            "2026-11-23T00:00+00:00",
+        ],
     ),
     (
         "every 15m",
         "UTC",
         "2026-11-22T10:07+00:00",
-        ["2026-11-22T10:15+00:00", "2026-11-22T10:30+00:00", "2026-11-22T10:45+00:00", "2026-11-22T11:00+00:00"],
+        [
+            "2026-11-22T10:15+00:00",
+            "2026-11-22T10:30+00:00",
+            "2026-11-22T10:45+00:00",
+            "2026-11-22T11:00+00:00",
+        ],
     ),
     (
         "every 30s",
@@ -105,14 +120,24 @@ NEXT_RUNS = [
         "15 1 * * mon,WED-fri",
         "UTC",
         "2026-11-22T00:00+00:00",
-        ["2026-11-23T01:15+00:00", "2026-11-25T01:15+00:00", "2026-11-26T01:15+00:00", "2026-11-27T01:15+00:00"],
+        [
+            "2026-11-23T01:15+00:00",
+            "2026-11-25T01:15+00:00",
+            "2026-11-26T01:15+00:00",
+            "2026-11-27T01:15+00:00",
+        ],
     ),
     ("0 4 * * 7", "UTC", "2026-11-22T05:00+00:00", ["2026-11-29T04:00+00:00"]),
     (
         "5-10/5 9-10 * * *",
         "UTC",
         "2026-11-22T00:00+00:00",
-        ["2026-11-22T09:05+00:00", "2026-11-22T09:10+00:00", "2026-11-22T10:05+00:00", "2026-11-22T10:10+00:00"],
+        [
+            "2026-11-22T09:05+00:00",
+            "2026-11-22T09:10+00:00",
+            "2026-11-22T10:05+00:00",
+            "2026-11-22T10:10+00:00",
+        ],
     ),
     (
         "50/5 * * * *",
@@ -320,11 +345,13 @@ REFUSALS = [
     ),
     (
         "0 3 * * funday",
-        'BACKUP_SCHEDULE "0 3 * * funday": day-of-week field "funday": "funday" is not a value (hint: use 0-7)',
+        'BACKUP_SCHEDULE "0 3 * * funday": day-of-week field "funday": "funday" is not a value'
+        " (hint: use 0-7)",
     ),
     (
         "0 5-3 * * *",
-        'BACKUP_SCHEDULE "0 5-3 * * *": hour field "5-3": range 5-3 runs backwards (hint: write the range low-high)',
+        'BACKUP_SCHEDULE "0 5-3 * * *": hour field "5-3": range 5-3 runs backwards'
+        " (hint: write the range low-high)",
     ),
     (
         "*/0 3 * * *",
@@ -332,11 +359,13 @@ REFUSALS = [
     ),
     (
         "0 3,,4 * * *",
-        'BACKUP_SCHEDULE "0 3,,4 * * *": hour field "3,,4": "" is not understood (hint: use N, N-M, */S or N-M/S)',
+        'BACKUP_SCHEDULE "0 3,,4 * * *": hour field "3,,4": "" is not understood'
+        " (hint: use N, N-M, */S or N-M/S)",
     ),
     (
         "25:00",
-        'BACKUP_SCHEDULE "25:00": "25:00" is not a time of day (hint: hours are 00-23, minutes and seconds 00-59)',
+        'BACKUP_SCHEDULE "25:00": "25:00" is not a time of day'
+        " (hint: hours are 00-23, minutes and seconds 00-59)",
     ),
     (
         "03:00 15:00",
@@ -396,10 +425,18 @@ DESCRIPTIONS = [
     ("03:00,11:00", BERLIN, "daily at 03:00, 11:00 Europe/Berlin"),
     ("11:00,03:00:30,11:00", "UTC", "daily at 03:00:30, 11:00 UTC"),
     ("every 6h", "UTC", "every 6h aligned to midnight, at 00:00, 06:00, 12:00, 18:00 UTC"),
-    ("every 15m", NEW_YORK, "every 15m aligned to midnight, past each hour at :00, :15, :30, :45 America/New_York"),
+    (
+        "every 15m",
+        NEW_YORK,
+        "every 15m aligned to midnight, past each hour at :00, :15, :30, :45 America/New_York",
+    ),
     ("every 30s", "UTC", "every 30s aligned to midnight, past each minute at :00, :30 UTC"),
     ("every 2h", "UTC", "every 2h aligned to midnight, at 00:00, 02:00, 04:00, 06:00, ... (12 slots) UTC"),
-    ("every 7h", "UTC", "every 7h from process start (not aligned to the clock, so replicas cannot share slots) UTC"),
+    (
+        "every 7h",
+        "UTC",
+        "every 7h from process start (not aligned to the clock, so replicas cannot share slots) UTC",
+    ),
     ("30 2 * * 0", BERLIN, 'cron "30 2 * * 0": on Sun at 02:30 Europe/Berlin'),
     ("0 3 * * mon-fri", "UTC", 'cron "0 3 * * mon-fri": on Mon, Tue, Wed, Thu, Fri at 03:00 UTC'),
     ("*/15 * * * *", "UTC", 'cron "*/15 * * * *": every hour at :00, :15, :30, :45 UTC'),
@@ -455,7 +492,9 @@ class FakeClock:
             def now(cls, tz: dt.tzinfo | None = None) -> datetime:  # type: ignore[override]
                 return datetime.fromtimestamp(clock.instant.timestamp(), tz)
 
-        self.module = SimpleNamespace(datetime=FrozenDatetime, timedelta=timedelta, time=dt.time, date=dt.date)
+        self.module = SimpleNamespace(
+            datetime=FrozenDatetime, timedelta=timedelta, time=dt.time, date=dt.date
+        )
 
     def wall(self) -> datetime:
         return datetime.fromtimestamp(self.instant.timestamp())
@@ -530,7 +569,9 @@ def test_slots_skipped_by_dst_jump_run_the_backup_once(monkeypatch: pytest.Monke
 
 def test_slot_due_while_a_backup_runs_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
     sched = parse_schedule("every 15m")
-    calls, _ = run_library(sched, at("2026-11-22T09:59+00:00"), 3, monkeypatch, job_takes=timedelta(minutes=20))
+    calls, _ = run_library(
+        sched, at("2026-11-22T09:59+00:00"), 3, monkeypatch, job_takes=timedelta(minutes=20)
+    )
     assert calls == [at("2026-11-22T10:00+00:00"), at("2026-11-22T10:30+00:00"), at("2026-11-22T11:00+00:00")]
 
 

@@ -1,0 +1,1 @@
+"""Standard-library checker for the sidecar's /health: Docker HEALTHCHECK, Nagios/Icinga, cron monitors."""

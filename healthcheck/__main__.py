@@ -1,0 +1,3 @@
+from healthcheck.check import main
+
+raise SystemExit(main())
