@@ -86,7 +86,8 @@ def dump_artifact(settings: Settings, dbname: str, cancel: CancelToken) -> Artif
         return {"pg_dump_version": versions.client, "server_version": versions.server}
 
     def open_source() -> AbstractContextManager[tuple[Iterator[bytes], Callable[[], list[str]]]]:
-        return _child_source(Child(argv, env, settings.dump.timeout_s, cancel))
+        return _child_source(Child(argv, env, settings.dump.timeout_s, cancel,
+                                   explain=lambda line: pg.explain(line, db, dbname)))
 
     return Artifact(dbname, "database", settings.dump.format, open_source, preflight)
 

@@ -15,7 +15,7 @@ import threading
 from datetime import UTC, datetime
 
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I)
-_KEYWORD_PW = re.compile(r"(?P<key>\b(?:password|passwd|pwd|secret|PGPASSWORD)\s*[=:]\s*)(?P<val>\S+)", re.I)
+_KEYWORD_PW = re.compile(r"(?P<key>(?<![A-Za-z_])(?:password|passwd|pwd|pgpassword)\s*=\s*)(?P<val>[^\s'\"]+)", re.I)
 
 _lock = threading.Lock()
 _secrets: tuple[str, ...] = ()

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -71,12 +71,13 @@ class Child:
     """
 
     def __init__(self, argv: list[str], env: dict[str, str], timeout_s: float, cancel: CancelToken,
-                 name: str | None = None) -> None:
+                 name: str | None = None, explain: Callable[[str], str] | None = None) -> None:
         self.argv = argv
         self.env = env
         self.timeout_s = timeout_s
         self.cancel = cancel
         self.name = name or os.path.basename(argv[0])
+        self.explain = explain  # turns the child's error line into "what (hint: ...)"
         self.proc: subprocess.Popen[bytes] | None = None
         self.killed_for: str | None = None
         self._stderr: collections.deque[str] = collections.deque(maxlen=40)
@@ -162,10 +163,16 @@ class Child:
             raise ChildFailed(
                 f"{self.name} {self.killed_for} (hint: raise BACKUP_TIMEOUT, or look for locks blocking the dump)"
             )
+        if code < 0:
+            said = f"; it said: {self.error_line()}" if self.error_line() else ""
+            raise ChildFailed(f"{self.name} failed: killed by signal {-code}{said} (hint: check for the OOM killer "
+                              "(container memory limit) or an operator's kill in the host's logs)")
         if code != 0:
             detail = self.error_line() or f"exit code {code}"
-            if code < 0:
-                detail = f"killed by signal {-code}" + (f"; {detail}" if self.error_line() else "")
+            if self.explain is not None:
+                detail = self.explain(detail)
+            elif "hint:" not in detail:
+                detail += f" (hint: run {self.name} by hand with the same settings to see its full output)"
             raise ChildFailed(f"{self.name} failed: {detail}")
         if self._stderr:
             log.warning("%s said: %s", self.name, self.stderr_text())

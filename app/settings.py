@@ -305,7 +305,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None
         nas_path = "./backups"
     nas = NasSettings(Path(nas_path).absolute(), create_missing=defaulted) if nas_path else None
     files = _files(r)
-    default_lock = nas.path / ".backup-sidecar.lock" if nas else Path("/tmp/backup-sidecar.lock")
+    default_lock = Path(env.get("TMPDIR") or "/tmp") / "backup-sidecar.lock"
     lock = LockSettings(
         path=Path(r.str("LOCK_FILE") or str(default_lock)).absolute(),
         timeout_s=r._typed("LOCK_TIMEOUT", 0.0, parse_duration, "a duration (0, 30s, 15m)"),

@@ -213,6 +213,7 @@ class Cli:
         env = {k: os.environ[k] for k in keep if k in os.environ}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         env["POSTGRES_CONNECT_TIMEOUT"] = "5"
+        env["LOCK_FILE"] = str(self.cwd / "backup-sidecar.lock")  # tests never share a lock by accident
         return env
 
     def run(self, *args: str, env: dict[str, str], timeout: float = 300,

@@ -30,7 +30,8 @@ CREATE TABLE "Ünïcode schema"."Grüße" (id int PRIMARY KEY, "wört" text, emo
 CREATE TABLE public.events (id bigint PRIMARY KEY, kind smallint, payload text, at timestamptz);
 CREATE INDEX events_kind_at ON public.events (kind, at);
 CREATE VIEW sales.big_customers AS SELECT c.id, c.name, sum(i.amount) AS total
-    FROM sales.customers c JOIN sales.invoices i ON i.customer_id = c.id GROUP BY c.id, c.name HAVING sum(i.amount) > 500;
+    FROM sales.customers c JOIN sales.invoices i ON i.customer_id = c.id
+    GROUP BY c.id, c.name HAVING sum(i.amount) > 500;
 CREATE FUNCTION sales.invoice_total(cid bigint) RETURNS numeric LANGUAGE sql STABLE
     AS $$ SELECT coalesce(sum(amount), 0) FROM sales.invoices WHERE customer_id = cid $$;
 
@@ -67,7 +68,8 @@ def table_checksums(pg: PgServer, dbname: str) -> dict[str, str]:
         out = {}
         for (table,) in tables:
             row = conn.execute(f"SELECT count(*), md5(string_agg(t::text, '|' ORDER BY t::text)) FROM {table} t")
-            out[table] = "%s:%s" % row.fetchone()
+            count, digest = row.fetchone()
+            out[table] = f"{count}:{digest}"
         for (seq,) in conn.execute(
             "SELECT quote_ident(schemaname) || '.' || quote_ident(sequencename) FROM pg_sequences ORDER BY 1"
         ).fetchall():
@@ -80,4 +82,6 @@ def schema_dump(pg: PgServer, dbname: str) -> str:
         ["pg_dump", "--schema-only", "--no-owner", "-h", pg.host, "-p", str(pg.port), "-U", pg.user, dbname],
         env={**os.environ, "PGPASSWORD": pg.password}, capture_output=True, text=True, check=True,
     ).stdout
-    return "\n".join(line for line in out.splitlines() if not line.startswith("-- Dumped"))
+    # \restrict lines carry a random key per dump (PostgreSQL 15.14+); they are not schema
+    skip = ("-- Dumped", "\\restrict", "\\unrestrict")
+    return "\n".join(line for line in out.splitlines() if not line.startswith(skip))
