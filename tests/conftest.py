@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +23,10 @@ import pytest
 from minio import Minio
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+from local_pg import free_port, start_cluster  # noqa: E402  (scripts/ is not a package)
+
+__all__ = ["free_port"]
 #: A password that must never appear anywhere but in PGPASSWORD of a child's environment.
 CANARY = "Canary-" + secrets.token_hex(8) + "-pw"
 
@@ -34,23 +36,6 @@ def docker_available() -> bool:
     if host.startswith("unix://"):
         return Path(host[len("unix://"):]).is_socket()
     return True  # tcp:// hosts: let testcontainers try
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pg_bin_dir() -> Path:
-    for major in (18, 17, 16, 15, 14, 13):
-        path = Path(f"/usr/lib/postgresql/{major}/bin")
-        if (path / "initdb").exists():
-            return path
-    found = shutil.which("initdb")
-    if found:
-        return Path(found).parent
-    raise RuntimeError("no PostgreSQL server binaries (hint: apt-get install postgresql; .ci/run does it)")
 
 
 @dataclass
@@ -90,41 +75,8 @@ class PgServer:
 
 
 def _start_local_cluster() -> PgServer:
-    bindir = pg_bin_dir()
-    root = Path(tempfile.mkdtemp(prefix="bs-pg-"))
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    pwfile = root / "pw"
-    pwfile.write_text(CANARY + "\n")
-    as_postgres: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(sock, "postgres")
-        shutil.chown(pwfile, "postgres")
-        root.chmod(0o755)
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        [*as_postgres, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=peer",
-         "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8"],
-        check=True, capture_output=True,
-    )
-    port = free_port()
-    log = root / "server.log"
-    subprocess.run(
-        [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o",
-         f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off "
-         "-c synchronous_commit=off -c max_connections=60", "start"],
-        check=True, capture_output=True,
-    )
-    server = PgServer("127.0.0.1", port, "postgres", CANARY)
-
-    def stop() -> None:
-        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-    server.stop.append(stop)
-    return server
+    cluster = start_cluster(CANARY, settings="-c fsync=off -c full_page_writes=off -c synchronous_commit=off")
+    return PgServer(cluster.host, cluster.port, cluster.user, CANARY, [cluster.stop])
 
 
 @pytest.fixture(scope="session")
