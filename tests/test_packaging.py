@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -401,3 +402,13 @@ def test_deployment_probes_do_not_restart_the_pod_for_a_failed_backup():
     assert liveness.get("httpGet", {}).get("path") != "/health"
     if "exec" in liveness:
         assert liveness["exec"]["command"] != HEALTHCHECK_CMD, "healthcheck exits 2 when a backup failed"
+
+
+def test_deployment_liveness_watches_a_check_that_the_health_module_reports():
+    (deployment,) = _by_kind("Deployment").values()
+    script = " ".join(_pod_spec(deployment)["containers"][0]["livenessProbe"]["exec"]["command"])
+    names = re.findall(r'c\.get\("name"\) == "([a-z_]+)"', script)
+    assert names, "the liveness probe should restart the pod only for a named /health check"
+    health_source = (ROOT / "app" / "health.py").read_text()
+    for name in names:
+        assert f'Check("{name}"' in health_source, f"app/health.py no longer reports a {name!r} check"
