@@ -1,0 +1,69 @@
+"""The documentation cannot drift from the code: every setting the code reads is documented, and back."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import REPO
+
+from app.settings import SECRET_VARS, load_settings
+
+#: Variables the code reads that are not settings of the sidecar (they belong to the OS or to libpq).
+NOT_SETTINGS = {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TMPDIR", "PGSSLMODE", "PGSSLROOTCERT",
+                "PGSSLCERT", "PGSSLKEY", "PGOPTIONS", "PGTZ", "PGCLIENTENCODING", "PGPASSWORD", "PGDATABASE",
+                "DOCKER_HOST", "CI"}
+
+_READS = [
+    re.compile(r"""\br\.(?:raw|str|int|bool|duration|choice|list|_typed)\(\s*["']([A-Z][A-Z0-9_]+)["']"""),
+    re.compile(r"""environ(?:ment)?\.get\(\s*["']([A-Z][A-Z0-9_]+)["']"""),
+    re.compile(r"""environ\[\s*["']([A-Z][A-Z0-9_]+)["']\s*\]"""),
+    re.compile(r"""\benv\.get\(\s*["']([A-Z][A-Z0-9_]+)["']"""),
+]
+
+
+def settings_read_by_code() -> set[str]:
+    names: set[str] = set()
+    for path in [*(REPO / "app").rglob("*.py"), *(REPO / "healthcheck").rglob("*.py")]:
+        text = path.read_text()
+        for pattern in _READS:
+            names.update(pattern.findall(text))
+    names.update(SECRET_VARS)  # read through r.raw(name) in loops, so the patterns cannot see all of them
+    return names - NOT_SETTINGS
+
+
+def env_example_names() -> set[str]:
+    return {line.split("=", 1)[0] for line in (REPO / ".env.example").read_text().splitlines()
+            if re.match(r"^[A-Z][A-Z0-9_]*=", line)}
+
+
+def test_code_reads_only_documented_settings() -> None:
+    read = settings_read_by_code()
+    assert len(read) > 50, "the scan found too few settings: the patterns no longer match the code"
+    assert read - env_example_names() == set(), "read by the code but missing from .env.example"
+    readme = (REPO / "README.md").read_text()
+    assert {n for n in read if f"`{n}`" not in readme} == set(), "read by the code but missing from README.md"
+
+
+def test_env_example_documents_nothing_the_code_ignores() -> None:
+    assert env_example_names() - settings_read_by_code() == set()
+
+
+def test_every_env_example_setting_has_an_explanation_line() -> None:
+    lines = (REPO / ".env.example").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^[A-Z][A-Z0-9_]*=", line):
+            assert lines[i - 1].startswith("# ") and len(lines[i - 1]) > 6, f"no explanation above {line!r}"
+
+
+def test_env_example_loads_as_valid_settings(tmp_path: Path) -> None:
+    settings = load_settings({}, env_file=str(REPO / ".env.example"))
+    assert settings.schedule.spec == "03:00" and settings.retention.daily == 14
+    assert settings.s3 is None and settings.nas is not None  # nothing configured: ./backups
+
+
+def test_every_secret_is_marked_secret_in_env_example() -> None:
+    lines = (REPO / ".env.example").read_text().splitlines()
+    for name in SECRET_VARS:
+        [i] = [i for i, line in enumerate(lines) if line.startswith(f"{name}=")]
+        assert "secret" in lines[i - 1], name
