@@ -1,0 +1,286 @@
+"""/health verdicts from real manifests on real targets, its latency with a hung target, and real monitors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import S3Server, free_port
+from test_runtime import Sidecar, sidecars
+
+from app import layout
+from app.health import HealthMonitor
+from app.manifest import Manifest
+from app.settings import load_settings
+from app.targets import make_targets
+from app.targets.base import Target
+
+CHECK_HTTP = "/usr/lib/nagios/plugins/check_http"
+HOUR = 3600
+
+
+def plant(
+    target: Target,
+    db: str,
+    age_s: float,
+    *,
+    error: str | None = None,
+    data: bytes = b"\x28\xb5" * 500,
+    duration_s: int = 42,
+) -> Manifest:
+    """A backup (artifact + manifest) that finished ``age_s`` ago, written through the Target API."""
+    finished = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=age_s)
+    started = finished - timedelta(seconds=duration_s)
+    ok = error is None
+    m = Manifest(
+        id=layout.backup_id(db, started),
+        status="ok" if ok else "failed",
+        database=db,
+        started_at=started,
+        finished_at=finished,
+        host="planted",
+        format="custom",
+        compression="zstd",
+        artifact=layout.artifact_key(db, started, layout.artifact_ext("custom", "zstd")),
+        size_bytes=len(data) if ok else 0,
+        sha256=hashlib.sha256(data).hexdigest() if ok else None,
+        error=error,
+    )
+    if ok:
+        target.put_bytes(m.artifact, data)
+    target.put_bytes(layout.manifest_key(db, started), m.to_json())
+    return m
+
+
+def monitor_for(env: dict[str, str], **kwargs: float) -> HealthMonitor:
+    settings = load_settings({"POSTGRES_DB": "app", **env})
+    monitor = HealthMonitor(settings, make_targets(settings), watch_loop=False, **kwargs)  # type: ignore[arg-type]
+    monitor.refresh_all(wait=20)
+    return monitor
+
+
+def nas_target(nas: Path) -> Target:
+    return make_targets(load_settings({"NAS_PATH": str(nas)}))[0]
+
+
+@pytest.fixture
+def sidecar(cli) -> Iterator[Callable[[dict[str, str]], Sidecar]]:
+    yield from sidecars(cli)
+
+
+def check(doc: dict, name: str) -> dict:
+    return next(c for c in doc["checks"] if c["name"] == name)
+
+
+def test_fresh_backup_is_ok_and_the_payload_has_the_spec_shape(nas: Path) -> None:
+    made = plant(nas_target(nas), "app", age_s=HOUR)
+    doc = monitor_for({"NAS_PATH": str(nas)}).payload()
+    assert (doc["status"], doc["code"]) == ("ok", 0)
+    assert set(doc) >= {"status", "code", "last_success", "last_run", "next_run_at", "checks"}
+    assert doc["last_success"]["id"] == made.id
+    assert HOUR <= doc["last_success"]["age_seconds"] < HOUR + 60
+    assert doc["last_success"]["size_bytes"] == made.size_bytes
+    assert doc["last_run"] == {**doc["last_run"], "status": "ok", "error": None}
+    assert doc["thresholds"] == {"warn_age_seconds": 26 * HOUR, "crit_age_seconds": 48 * HOUR}
+    assert all({"name", "status", "message"} <= set(c) for c in doc["checks"])
+
+
+def test_backup_27h_old_is_a_warning(nas: Path) -> None:
+    plant(nas_target(nas), "app", age_s=27 * HOUR)
+    doc = monitor_for({"NAS_PATH": str(nas)}).payload()
+    assert (doc["status"], doc["code"]) == ("warning", 1)
+    assert (
+        check(doc, "backup_age")["message"]
+        == "last backup of app is 1d3h old, older than HEALTH_WARN_AGE 1d2h"
+    )
+
+
+def test_backup_older_than_crit_age_is_critical(nas: Path) -> None:
+    plant(nas_target(nas), "app", age_s=3 * HOUR)
+    doc = monitor_for({"NAS_PATH": str(nas), "HEALTH_WARN_AGE": "1h", "HEALTH_CRIT_AGE": "2h"}).payload()
+    assert (doc["status"], doc["code"]) == ("critical", 2)
+    assert check(doc, "backup_age")["status"] == "critical"
+    assert doc["thresholds"] == {"warn_age_seconds": HOUR, "crit_age_seconds": 2 * HOUR}
+
+
+def test_failed_last_run_is_critical_even_with_a_fresh_backup(nas: Path) -> None:
+    target = nas_target(nas)
+    good = plant(target, "app", age_s=2 * HOUR)
+    plant(target, "app", age_s=HOUR, error="pg_dump failed: connection refused")
+    doc = monitor_for({"NAS_PATH": str(nas)}).payload()
+    assert (doc["status"], doc["code"]) == ("critical", 2)
+    assert doc["last_success"]["id"] == good.id
+    assert doc["last_run"]["status"] == "failed"
+    assert doc["last_run"]["error"] == "pg_dump failed: connection refused"
+    assert "connection refused" in check(doc, "last_run")["message"]
+
+
+def test_interrupted_last_run_warns_but_is_not_critical(nas: Path) -> None:
+    target = nas_target(nas)
+    plant(target, "app", age_s=2 * HOUR)
+    plant(target, "app", age_s=HOUR, error="pg_dump interrupted: SIGTERM received, the sidecar is stopping")
+    doc = monitor_for({"NAS_PATH": str(nas)}).payload()
+    assert (doc["status"], check(doc, "last_run")["status"]) == ("warning", "warning")
+
+
+def test_no_backup_yet_is_a_warning(nas: Path) -> None:
+    doc = monitor_for({"NAS_PATH": str(nas)}).payload()
+    assert (doc["status"], doc["last_success"], doc["last_run"]) == ("warning", None, None)
+    assert check(doc, "backup_age")["message"] == "no backup of app yet"
+
+
+def test_each_database_is_judged_and_the_stalest_is_reported(nas: Path) -> None:
+    target = nas_target(nas)
+    plant(target, "app", age_s=HOUR)
+    stale = plant(target, "billing", age_s=30 * HOUR)
+    plant(target, "someone-elses-db", age_s=100 * HOUR)
+    doc = monitor_for({"NAS_PATH": str(nas), "POSTGRES_DB": "app,billing"}).payload()
+    assert doc["status"] == "warning"
+    assert doc["last_success"]["id"] == stale.id
+    assert set(doc["databases"]) == {"app", "billing"}
+
+
+def test_nas_with_less_free_space_than_the_last_backup_needs_warns(nas: Path) -> None:
+    target = nas_target(nas)
+    made = plant(target, "app", age_s=HOUR)
+    huge = shutil.disk_usage(nas).free + 2**30
+    os.truncate(nas / made.artifact, huge)  # sparse: as big as a backup that would not fit again
+    path = nas / layout.manifest_key("app", made.started_at)
+    made.size_bytes = huge
+    path.write_bytes(made.to_json())
+    doc = monitor_for({"NAS_PATH": str(nas)}).payload()
+    assert doc["status"] == "warning"
+    space = check(doc, "space:nas")
+    assert space["status"] == "warning" and "free, the last backup took" in space["message"]
+
+
+def test_unreachable_s3_is_a_warning_and_the_nas_still_tells_the_age(nas: Path) -> None:
+    made = plant(nas_target(nas), "app", age_s=HOUR)
+    env = {"NAS_PATH": str(nas), "S3_BUCKET": "backups", "S3_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    doc = monitor_for(env).payload()
+    assert doc["status"] == "warning"
+    assert doc["last_success"]["id"] == made.id
+    s3_check = check(doc, "target:s3")
+    assert s3_check["status"] == "warning" and "S3: cannot list the bucket" in s3_check["message"]
+
+
+def test_replica_that_never_ran_sees_the_backup_another_host_made(s3: S3Server, bucket: str) -> None:
+    env = s3.env(bucket)
+    made = plant(make_targets(load_settings({"POSTGRES_DB": "app", **env}))[0], "app", age_s=HOUR)
+    doc = monitor_for(env).payload()
+    assert (doc["status"], doc["last_success"]["id"]) == ("ok", made.id)
+
+
+def test_stopped_scheduler_loop_is_critical(nas: Path) -> None:
+    plant(nas_target(nas), "app", age_s=HOUR)
+    settings = load_settings({"NAS_PATH": str(nas), "POSTGRES_DB": "app"})
+    monitor = HealthMonitor(settings, make_targets(settings), tick_limit_s=60)
+    monitor.refresh_all(wait=10)
+    monitor.heartbeat = time.monotonic() - 125
+    doc = monitor.payload()
+    assert (doc["status"], check(doc, "scheduler")["message"]) == ("critical", "no scheduler tick for 2m5s")
+    monitor.beat()
+    assert monitor.payload()["status"] == "ok"
+
+
+@pytest.fixture
+def hanging_endpoint() -> Iterator[str]:
+    """A TCP server that accepts connections and never answers: the worst S3 endpoint there is."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    t.join(2)
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_health_answers_within_a_second_while_s3_hangs(sidecar, nas: Path, hanging_endpoint: str) -> None:
+    plant(nas_target(nas), "app", age_s=HOUR)
+    s = sidecar(
+        {"NAS_PATH": str(nas), "POSTGRES_DB": "app", "S3_BUCKET": "backups", "S3_ENDPOINT": hanging_endpoint}
+    )
+    s.wait_for("the first verdict", lambda d: "status" in d, timeout=30)
+    slowest, doc = 0.0, {}
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        t0 = time.monotonic()
+        _, doc = s.health(timeout=5)
+        slowest = max(slowest, time.monotonic() - t0)
+        if "no answer for" in check(doc, "target:s3")["message"]:
+            break
+        time.sleep(0.2)
+    assert "no answer for" in check(doc, "target:s3")["message"], doc
+    assert check(doc, "target:s3")["status"] == "warning"
+    assert doc["last_success"] is not None, "the NAS still answers for the backup's age"
+    assert slowest < 1.0
+    s.stop()
+
+
+def test_nagios_check_http_and_the_health_command_read_the_verdict(sidecar, cli, nas: Path) -> None:
+    plant(nas_target(nas), "app", age_s=HOUR)
+    ok = sidecar({"NAS_PATH": str(nas), "POSTGRES_DB": "app"})
+    ok.wait_for("ok", lambda d: d["status"] == "ok", timeout=30)
+    nagios = subprocess.run(
+        [
+            CHECK_HTTP,
+            "-H",
+            "127.0.0.1",
+            "-p",
+            str(ok.port),
+            "-u",
+            "/health",
+            "-e",
+            "200",
+            "-s",
+            '"status":"ok"',
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert nagios.returncode == 0, nagios.stdout
+    assert nagios.stdout.startswith("HTTP OK")
+    line = cli.run("health", "--url", f"{ok.url}/health", env={})
+    assert line.returncode == 0 and line.stdout.startswith("BACKUP OK - last backup 1h0m ago"), line.stdout
+    assert re.search(r"\| age=360\ds;93600;172800$", line.stdout.strip()), line.stdout
+    ok.stop()
+
+    plant(nas_target(nas), "app", age_s=HOUR // 2, error="pg_dump failed: disk quota exceeded")
+    bad = sidecar({"NAS_PATH": str(nas), "POSTGRES_DB": "app"})
+    bad.wait_for("critical", lambda d: d["status"] == "critical", timeout=30)
+    nagios = subprocess.run(
+        [CHECK_HTTP, "-H", "127.0.0.1", "-p", str(bad.port), "-u", "/health", "-e", "200"],
+        capture_output=True,
+        text=True,
+    )
+    assert nagios.returncode == 2, nagios.stdout
+    assert "503" in nagios.stdout
+    line = cli.run("health", "--url", f"{bad.url}/health", env={})
+    assert line.returncode == 2
+    assert line.stdout.startswith("BACKUP CRITICAL - last run failed: pg_dump failed: disk quota exceeded")
+    bad.stop()
