@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
 from app import __version__
+from app.cancel import CancelToken
 from app.errors import SidecarError
 from app.logs import mask, register_secrets, setup_logging
 from app.settings import ConfigError, Settings, describe, load_settings
@@ -81,8 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     register_secrets(settings.secrets())
     setup_logging(settings.log_level, settings.log_format)
+    cancel = CancelToken()
+    if args.command != "run":  # `run` installs its own handlers around the scheduler loop
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: cancel.cancel(signal.Signals(signum).name))
     try:
-        return _dispatch(args, settings)
+        return _dispatch(args, settings, cancel)
     except SidecarError as exc:
         print(f"backup-sidecar: error: {mask(str(exc)).splitlines()[0]}", file=sys.stderr)
         return EXIT_FAILED
@@ -91,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+def _dispatch(args: argparse.Namespace, settings: Settings, cancel: CancelToken) -> int:
     if args.command == "config":
         return _config(settings)
     if args.command == "list":
@@ -100,7 +106,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from app.jobs import backup_once
 
         dbs = [d.strip() for d in args.db.split(",") if d.strip()] if args.db else None
-        result = backup_once(settings, dbs, force=args.force)
+        result = backup_once(settings, dbs, force=args.force, cancel=cancel)
         for why in result.skipped:
             print(f"backup-sidecar: skipped: {why}", file=sys.stderr)
         if result.failures:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -422,3 +423,16 @@ def test_script_file_runs_without_the_package(server: tuple[str, Routes], tmp_pa
         0,
         f"BACKUP OK - last backup 3h12m ago (app-20261122T030000Z) | age=11520s;{PERF}\n",
     )
+
+
+def test_proxy_settings_of_the_environment_are_ignored(server: tuple[str, Routes], tmp_path: Path) -> None:
+    """An HTTP_PROXY meant for the application must not swallow the probe and mark the container unhealthy."""
+    base, routes = server
+    routes.json("/health", OK_PAYLOAD)
+    dead_proxy = f"http://127.0.0.1:{closed_port()}"
+    env = {"PATH": os.environ["PATH"], "HTTP_PROXY": dead_proxy, "http_proxy": dead_proxy, "NO_PROXY": ""}
+    done = subprocess.run(
+        [sys.executable, "-I", str(REPO / "healthcheck" / "check.py"), "--url", f"{base}/health"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30,
+    )
+    assert done.returncode == 0, done.stdout
