@@ -548,6 +548,13 @@ def _notify(r: _Reader, hostname: str) -> NotifySettings:
     for name, url in (("WEBHOOK_URL", webhook), ("PING_URL", ping)):
         if url and urlsplit(url).scheme not in ("http", "https"):
             r.problems.append(f"{name} is not an http(s) URL (hint: https://hooks.example.com/...)")
+    report_schedule = r.str("REPORT_SCHEDULE", "sun 06:00")
+    try:
+        from app.notify.report import parse_report_schedule
+
+        parse_report_schedule(report_schedule)
+    except ValueError as exc:
+        r.problems.append(f"REPORT_SCHEDULE: {exc}")
     return NotifySettings(
         on=on,
         smtp_host=smtp_host,
@@ -562,7 +569,7 @@ def _notify(r: _Reader, hostname: str) -> NotifySettings:
         ping_url=ping.rstrip("/") if ping else None,
         timeout_s=r.duration("NOTIFY_TIMEOUT", "10s"),
         retries=r.int("NOTIFY_RETRIES", 3, low=0, high=10),
-        report_schedule=r.str("REPORT_SCHEDULE", "sun 06:00"),
+        report_schedule=report_schedule,
     )
 
 
