@@ -86,19 +86,21 @@ def dump_artifact(settings: Settings, dbname: str, cancel: CancelToken) -> Artif
         return {"pg_dump_version": versions.client, "server_version": versions.server}
 
     def open_source() -> AbstractContextManager[tuple[Iterator[bytes], Callable[[], list[str]]]]:
-        return _child_source(Child(argv, env, settings.dump.timeout_s, cancel,
+        return child_source(Child(argv, env, settings.dump.timeout_s, cancel,
                                    explain=lambda line: pg.explain(line, db, dbname)))
 
     return Artifact(dbname, "database", settings.dump.format, open_source, preflight)
 
 
 @contextmanager
-def _child_source(child: Child) -> Iterator[tuple[Iterator[bytes], Callable[[], list[str]]]]:
+def child_source(child: Child, warnings: list[str] | None = None
+                 ) -> Iterator[tuple[Iterator[bytes], Callable[[], list[str]]]]:
+    """An Artifact source over a producer process: its stdout, and a finish() that checks its exit."""
     with child:
 
         def finish() -> list[str]:
             child.finish()
-            return []
+            return list(warnings or [])
 
         yield child.chunks(), finish
 

@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     s.add_argument("--from", dest="source", choices=("nas", "s3"), help="read from this target only")
 
+    s = sub.add_parser("restore-files", help="extract a files archive (FILES_PATHS) into a directory")
+    s.add_argument("ref", nargs="?", default="latest", metavar="ID|latest")
+    s.add_argument("--to", dest="to_dir", required=True, metavar="DIR", help="directory to extract into")
+    s.add_argument("--force", action="store_true", help="allow a non-empty directory (files are overwritten)")
+    s.add_argument("--from", dest="source", choices=("nas", "s3"), help="read from this target only")
+
     s = sub.add_parser("prune", help="apply retention")
     s.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
 
@@ -130,6 +136,13 @@ def _dispatch(args: argparse.Namespace, settings: Settings, cancel: CancelToken)
 
         restore_command(settings, args.ref, args.to_db, database=args.db, create=args.create, clean=args.clean,
                         yes=args.yes, source=args.source)
+        return EXIT_OK
+    if args.command == "restore-files":
+        from pathlib import Path
+
+        from app.restore_files import restore_files_command
+
+        restore_files_command(settings, args.ref, Path(args.to_dir), force=args.force, source=args.source)
         return EXIT_OK
     if args.command == "prune":
         from app.retention import prune_command

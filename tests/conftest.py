@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 from local_pg import free_port, start_cluster  # noqa: E402  (scripts/ is not a package)
 
-__all__ = ["free_port"]
+__all__ = ["free_port", "start_cluster"]
 #: A password that must never appear anywhere but in PGPASSWORD of a child's environment.
 CANARY = "Canary-" + secrets.token_hex(8) + "-pw"
 

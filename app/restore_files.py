@@ -1,0 +1,79 @@
+"""``restore-files``: the application's files back out of a files archive into a directory.
+
+Two passes over the stored bytes: the first checks size, SHA-256, decompression and the tar structure to the
+end, so a damaged archive is refused before a single file is written; the second extracts. Paths stay
+inside DIR (tarfile's ``tar`` filter: no absolute paths, no escapes, setuid/setgid and group/other write
+bits cleared).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from app.catalog import Entry, load_catalog
+from app.errors import SidecarError
+from app.restore import Progress, archive_chunks, pick_source, resolve_entry
+from app.settings import Settings
+from app.targets import Target, make_targets
+from app.verify import ArchiveInvalid, check_tar
+from app.verify import _ChunkReader as ChunkReader  # noqa: PLC2701
+
+log = logging.getLogger(__name__)
+
+
+def _files_entry(settings: Settings, targets: list[Target], ref: str) -> Entry:
+    if ref != "latest":
+        entry = resolve_entry(targets, ref, None)
+    else:
+        name = settings.files.name if settings.files else None
+        good = [e for e in load_catalog(targets, name).good() if e.manifest.kind == "files"]
+        if not good:
+            raise SidecarError("no ok files archive found (hint: set FILES_PATHS and run a backup; see `list`)")
+        entry = good[0]
+    if entry.manifest.kind != "files":
+        raise SidecarError(f"{entry.id} is a {entry.manifest.kind} backup, not a files archive "
+                           "(hint: use `restore` for databases; files archives show as kind files in `list --json`)")
+    return entry
+
+
+def restore_files_command(settings: Settings, ref: str, to_dir: Path, *, force: bool, source: str | None) -> None:
+    """Extract the files archive ``ref`` into ``to_dir``; refuses a non-empty directory unless ``force``."""
+    targets = make_targets(settings)
+    entry = _files_entry(settings, targets, ref)
+    target = pick_source(entry, targets, source)
+    dest = to_dir.absolute()
+    if dest.exists() and not dest.is_dir():
+        raise SidecarError(f"{dest} exists and is not a directory (hint: give a directory with --to)")
+    if dest.exists() and any(dest.iterdir()) and not force:
+        raise SidecarError(f"{dest} is not empty (hint: restore into an empty directory, or pass --force to "
+                           "write over what is there)")
+    manifest = entry.manifest
+    try:
+        checked = check_tar(archive_chunks(target, manifest))
+    except ArchiveInvalid as exc:
+        raise SidecarError(f"{manifest.id} on {target.name}: {exc}") from exc
+    log.info("%s on %s: %s; extracting into %s", manifest.id, target.name, checked, dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    progress = Progress(f"restore-files {manifest.id}", manifest.size_bytes)
+    reader = io.BufferedReader(ChunkReader(archive_chunks(target, manifest, progress)), buffer_size=1 << 20)
+    count = 0
+
+    def counted(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+        nonlocal count
+        for member in tar:
+            count += 1
+            yield member
+
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            # extractall, not extract per member: it sets directory modes last, so read-only dirs still fill
+            tar.extractall(dest, members=counted(tar), filter="tar")
+    except (tarfile.TarError, OSError) as exc:
+        raise SidecarError(f"restoring {manifest.id} into {dest} failed after {count} entries: {exc} "
+                           "(hint: check free space and permissions of the directory; it is partly written)") from exc
+    progress.finish()
+    print(f"{manifest.id}: {count} entries restored into {dest}")
