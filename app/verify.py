@@ -1,0 +1,344 @@
+"""verify: prove that every stored copy of a backup can come back, optionally by restoring it for real.
+
+Each copy is streamed from its target once: size and SHA-256 against the manifest, decompression to the end
+(zstd/gzip framing catches truncation and trailing garbage), and an archive check that reads everything:
+``pg_restore --file=/dev/null`` for custom archives (``pg_restore --list`` stops after the table of contents,
+so it passes an archive cut short after it; the full read does not), pg_dump's closing trailer for plain SQL,
+every member for tar. ``--restore-test`` then restores into a scratch database that is always dropped.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import secrets
+import tarfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import psycopg
+
+from app import layout, pg
+from app.catalog import Entry, load_catalog
+from app.compression import CorruptArchive, decompress
+from app.durations import format_size
+from app.errors import SidecarError
+from app.logs import mask
+from app.manifest import Manifest
+from app.restore import (
+    Feed,
+    IntegrityError,
+    compression_of,
+    create_database,
+    drop_database,
+    stored_chunks,
+    stream_into_database,
+)
+from app.settings import Settings
+from app.targets import Target, TargetError, make_targets
+
+log = logging.getLogger(__name__)
+
+#: pg_dump / pg_dumpall write this close to the end of a complete plain dump (before \unrestrict, if any).
+PLAIN_TRAILERS = (b"-- PostgreSQL database dump complete", b"-- PostgreSQL database cluster dump complete")
+TAIL = 4096
+SCRATCH_PREFIX = "backup_sidecar_restore_test_"
+
+_TABLES_SQL = """
+SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
+ORDER BY 1
+"""
+
+
+class ArchiveInvalid(SidecarError):
+    """The decompressed bytes are not a complete archive of the manifest's format."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report: a copy on a target, or a restore test."""
+
+    backup_id: str
+    where: str  # target name, or "restore-test"
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok' if self.ok else 'FAILED':<7} {self.backup_id}  {self.where:<5} {self.detail}"
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+    backups: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    def summary(self) -> str:
+        failed = sum(not c.ok for c in self.checks)
+        verdict = "all ok" if self.ok else f"{failed} FAILED"
+        return f"verify: {self.backups} backup(s), {len(self.checks)} check(s): {verdict}"
+
+
+# --- archive checks ---------------------------------------------------------------------------------------
+
+
+def _tool_env() -> dict[str, str]:
+    """pg_restore --file needs no connection, so it gets no credentials at all."""
+    return {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR") if k in os.environ}
+
+
+def check_custom(chunks: Iterable[bytes]) -> str:
+    with Feed(["pg_restore", "--file=/dev/null"], _tool_env(),
+              "the custom archive is damaged or incomplete") as feed:
+        for chunk in chunks:
+            feed.write(chunk)
+        feed.finish()
+    return "custom archive readable to the end"
+
+
+def check_plain(chunks: Iterable[bytes]) -> str:
+    tail = b""
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        tail = (tail + chunk)[-TAIL:]
+    if not any(trailer in tail for trailer in PLAIN_TRAILERS):
+        raise ArchiveInvalid(
+            f"the SQL ({format_size(total)}) does not end with pg_dump's \"dump complete\" trailer, so the dump was "
+            "cut short (hint: this backup is incomplete; use another one)"
+        )
+    return "SQL complete (pg_dump trailer present)"
+
+
+class _ChunkReader(io.RawIOBase):
+    """A file object over an iterator of chunks, for tarfile's stream mode."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._it = iter(chunks)
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        while not self._buf:
+            nxt = next(self._it, None)
+            if nxt is None:
+                return 0
+            self._buf = nxt
+        n = min(len(buffer), len(self._buf))
+        buffer[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def check_tar(chunks: Iterable[bytes]) -> str:
+    reader = _ChunkReader(chunks)
+    members = 0
+    try:
+        with tarfile.open(fileobj=io.BufferedReader(reader), mode="r|") as tar:
+            for _ in tar:
+                members += 1
+    except (tarfile.TarError, EOFError) as exc:
+        raise ArchiveInvalid(f"the tar archive is damaged or cut short after {members} members: {exc} "
+                             "(hint: use another backup)") from exc
+    while reader.readinto(memoryview(bytearray(1 << 16))):
+        pass  # the zero padding after the end-of-archive blocks: read so decompression is checked to the end
+    return f"tar archive complete ({members} members)"
+
+
+ARCHIVE_CHECKS: dict[str, Callable[[Iterable[bytes]], str]] = {
+    "custom": check_custom, "plain": check_plain, "tar": check_tar,
+}
+
+
+def verify_copy(target: Target, manifest: Manifest) -> Check:
+    """Stream one copy and check bytes, compression and archive; never raises for a bad copy."""
+    t0 = time.monotonic()
+    check_archive = ARCHIVE_CHECKS.get(manifest.format)
+    if check_archive is None:
+        return Check(manifest.id, target.name, False, f"unknown format {manifest.format!r} in the manifest "
+                     "(hint: written by a newer version? upgrade the sidecar)")
+    stored: Iterator[bytes] | None = None
+    try:
+        stored = stored_chunks(target, manifest)
+        detail = check_archive(decompress(stored, compression_of(manifest)))
+    except (IntegrityError, TargetError) as exc:
+        return Check(manifest.id, target.name, False, mask(str(exc)))
+    except (CorruptArchive, SidecarError) as exc:
+        return Check(manifest.id, target.name, False, _blame(exc, stored, manifest))
+    seconds = time.monotonic() - t0
+    return Check(manifest.id, target.name, True,
+                 f"{format_size(manifest.size_bytes)}, size and sha256 ok, {detail} ({seconds:.1f}s)")
+
+
+def _blame(exc: Exception, stored: Iterator[bytes] | None, manifest: Manifest) -> str:
+    """Tell a copy damaged on the target (bytes differ from the manifest) from a backup bad since it was made."""
+    try:
+        for _ in stored or ():
+            pass
+    except (IntegrityError, TargetError) as integrity:
+        return f"{mask(str(integrity))} [{manifest.format}: {mask(str(exc))}]"
+    text = mask(str(exc))
+    if "hint:" not in text:
+        text += " (hint: use another backup)"
+    return f"{text}; the stored bytes match the manifest, so the backup was bad when it was made"
+
+
+def verify_entry(entry: Entry, targets: Sequence[Target]) -> list[Check]:
+    """Every target that holds this backup's manifest must hold a whole, intact copy."""
+    checks: list[Check] = []
+    m = entry.manifest
+    for target in targets:
+        if target.name not in entry.manifest_keys:
+            continue
+        if not entry.copies.get(target.name):
+            checks.append(Check(entry.id, target.name, False, _missing(target, m)))
+            continue
+        checks.append(verify_copy(target, m))
+    return checks
+
+
+def _missing(target: Target, m: Manifest) -> str:
+    try:
+        info = target.stat(m.artifact)
+    except TargetError as exc:
+        return mask(str(exc))
+    if info is None:
+        return (f"the ok manifest points at {m.artifact}, which is missing (hint: the artifact was deleted; restore "
+                "from another target or backup)")
+    return (f"{m.artifact} has {info.size} bytes, the manifest records {m.size_bytes} (hint: the copy is truncated "
+            "or was changed; restore from another target or backup)")
+
+
+# --- restore test -------------------------------------------------------------------------------------------
+
+
+def restore_test(settings: Settings, target: Target, manifest: Manifest) -> Check:
+    """Restore into a scratch database, count tables and rows, and drop it whatever happened."""
+    name = f"{SCRATCH_PREFIX}{secrets.token_hex(4)}"
+    try:
+        create_database(settings, name)
+    except SidecarError as exc:
+        return Check(manifest.id, "restore-test", False, mask(str(exc)))
+    drop_error: str | None = None
+    try:
+        ok, detail = _restore_and_count(settings, target, manifest, name)
+    finally:
+        try:
+            drop_database(settings, name)
+        except SidecarError as exc:
+            drop_error = mask(str(exc))
+            log.error("scratch database %s was not dropped: %s", name, drop_error)
+    if drop_error:
+        return Check(manifest.id, "restore-test", False, f"{detail}; scratch database {name} could NOT be dropped: "
+                     f"{drop_error}")
+    return Check(manifest.id, "restore-test", ok, f"{detail}; scratch database dropped")
+
+
+def _restore_and_count(settings: Settings, target: Target, manifest: Manifest, name: str) -> tuple[bool, str]:
+    try:
+        t0 = time.monotonic()
+        stream_into_database(settings, target, manifest, name, clean=False)
+        seconds = time.monotonic() - t0
+        with pg.connect(settings.db, name) as conn:
+            tables = [row[0] for row in conn.execute(_TABLES_SQL).fetchall()]
+            rows = 0
+            for table in tables:
+                row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608 - quoted by format(%I)
+                rows += int(row[0]) if row else 0
+    except (SidecarError, psycopg.Error) as exc:
+        reason = mask(str(exc)).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        return False, f"restore from {target.name} into {name} failed: {reason}"
+    return True, f"from {target.name}: {len(tables)} tables, {rows} rows, restored in {seconds:.1f}s"
+
+
+# --- choosing what to verify ------------------------------------------------------------------------------
+
+
+def select_entries(targets: Sequence[Target], ref: str, all_: bool, database: str | None,
+                   report: Report) -> list[Entry]:
+    """The backups to verify; problems that leave nothing to check become failed checks in ``report``."""
+    if all_ and ref != "latest":
+        raise SidecarError("give a backup ID or --all, not both (hint: `verify --all` or `verify ID`)")
+    if not all_ and ref != "latest":
+        try:
+            name, _ = layout.parse_id(ref)
+        except ValueError as exc:
+            raise SidecarError(str(exc)) from exc
+        database = name  # an ID names its database
+    catalog = load_catalog(targets, database)
+    for name, error in catalog.errors.items():
+        report.checks.append(Check("-", name, False, f"cannot read the target: {mask(error)}"))
+    ok = [e for e in catalog.entries if e.manifest.ok]
+    if all_:
+        chosen = ok
+    elif ref == "latest":
+        newest: dict[str, Entry] = {}
+        for e in ok:  # newest first: the first of each name is its latest
+            newest.setdefault(e.manifest.database, e)
+        chosen = list(newest.values())
+    else:
+        entry = catalog.find(ref)
+        if entry is None:
+            stray = [f"{t}:{o.key}" for t, objs in catalog.orphans.items() for o in objs
+                     if o.key.rsplit("/", 1)[-1].split(".", 1)[0] == ref]
+            why = (f"no manifest, only an artifact ({', '.join(stray)}): not a complete backup (hint: its run was "
+                   "interrupted; prune removes it after a day)" if stray
+                   else "no such backup (hint: see `backup-sidecar list`)")
+            report.checks.append(Check(ref, "-", False, why))
+            return []
+        if not entry.manifest.ok:
+            report.checks.append(Check(ref, "-", False, f"the backup failed: {entry.manifest.error or '?'} "
+                                       "(hint: failed backups cannot be verified; pick an ok one)"))
+            return []
+        chosen = [entry]
+    if not chosen and not report.checks:
+        which = f" of {database}" if database else ""
+        report.checks.append(Check("-", "-", False, f"no ok backup{which} to verify (hint: run a backup first)"))
+    return chosen
+
+
+def verify(settings: Settings, targets: Sequence[Target], ref: str = "latest", *, all_: bool = False,
+           database: str | None = None, restore_tests: bool = False,
+           emit: Callable[[str], None] = print) -> Report:
+    """Verify the chosen backups on every target holding them, printing one line per check as it completes."""
+    report = Report()
+    entries = select_entries(targets, ref, all_, database, report)
+    for check in report.checks:
+        emit(check.line())
+    for entry in entries:
+        report.backups += 1
+        checks = verify_entry(entry, targets)
+        for check in checks:
+            report.checks.append(check)
+            emit(check.line())
+        if restore_tests:
+            check = _restore_test_for(settings, entry, targets, checks)
+            report.checks.append(check)
+            emit(check.line())
+    emit(report.summary())
+    return report
+
+
+def _restore_test_for(settings: Settings, entry: Entry, targets: Sequence[Target], checks: list[Check]) -> Check:
+    m = entry.manifest
+    if m.kind != "database" or m.format not in ("custom", "plain"):
+        return Check(entry.id, "restore-test", True, f"skipped: a {m.kind} archive is not restored into a database")
+    intact = {c.where for c in checks if c.ok}
+    source = next((t for t in targets if t.name in intact), None)
+    if source is None:
+        return Check(entry.id, "restore-test", False, "not run: no intact copy to restore from")
+    return restore_test(settings, source, m)
+
+
+def verify_command(settings: Settings, ref: str, all_: bool, database: str | None, restore_test: bool) -> bool:
+    """`backup-sidecar verify`: True when every check passed (exit 0), else False (exit 1)."""
+    report = verify(settings, make_targets(settings), ref, all_=all_, database=database, restore_tests=restore_test)
+    return report.ok
