@@ -19,8 +19,7 @@ from app.errors import SidecarError
 from app.restore import Progress, archive_chunks, pick_source, resolve_entry
 from app.settings import Settings
 from app.targets import Target, make_targets
-from app.verify import ArchiveInvalid, check_tar
-from app.verify import _ChunkReader as ChunkReader  # noqa: PLC2701
+from app.verify import ArchiveInvalid, ChunkReader, check_tar
 
 log = logging.getLogger(__name__)
 

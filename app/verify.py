@@ -116,7 +116,7 @@ def check_plain(chunks: Iterable[bytes]) -> str:
     return "SQL complete (pg_dump trailer present)"
 
 
-class _ChunkReader(io.RawIOBase):
+class ChunkReader(io.RawIOBase):
     """A file object over an iterator of chunks, for tarfile's stream mode."""
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
@@ -139,7 +139,7 @@ class _ChunkReader(io.RawIOBase):
 
 
 def check_tar(chunks: Iterable[bytes]) -> str:
-    reader = _ChunkReader(chunks)
+    reader = ChunkReader(chunks)
     members = 0
     try:
         with tarfile.open(fileobj=io.BufferedReader(reader), mode="r|") as tar:

@@ -100,8 +100,9 @@ def test_missing_nas_directory_is_refused_with_a_hint(tmp_path: Path) -> None:
 
 
 def test_missing_bucket_is_refused_with_a_hint(s3: S3Server) -> None:
-    target = S3Target(S3Settings(endpoint=s3.endpoint, bucket="no-such-bucket-here", prefix="", access_key=s3.access_key,
-                                 secret_key=s3.secret_key, region="us-east-1", secure=False, part_size=None))
+    target = S3Target(S3Settings(endpoint=s3.endpoint, bucket="no-such-bucket-here", prefix="",
+                                 access_key=s3.access_key, secret_key=s3.secret_key, region="us-east-1",
+                                 secure=False, part_size=None))
     with pytest.raises(TargetError, match="does not exist.*never creates buckets"):
         target.check()
 
