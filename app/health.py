@@ -100,9 +100,7 @@ class HealthMonitor:
         self.started = time.monotonic()
         self.next_run_at: datetime | None = None
         self.running_since: datetime | None = None
-        self._local: dict[
-            str, Manifest
-        ] = {}  # runs of this process, also those whose manifest was not stored
+        self._local: dict[str, Manifest] = {}  # runs of this process, also those whose manifest was not stored
         self._job_error: tuple[datetime, str] | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -137,9 +135,7 @@ class HealthMonitor:
                 if view.busy_since is not None:
                     continue
                 view.busy_since = time.monotonic()
-            t = threading.Thread(
-                target=self._read, args=(view,), name=f"health-{view.target.name}", daemon=True
-            )
+            t = threading.Thread(target=self._read, args=(view,), name=f"health-{view.target.name}", daemon=True)
             t.start()
             threads.append(t)
         deadline = time.monotonic() + wait
@@ -187,8 +183,7 @@ class HealthMonitor:
     def snapshot(self) -> Snapshot:
         with self._lock:
             views = [
-                TargetView(v.target, v.entries, v.error, v.free_bytes, v.read_at, v.busy_since)
-                for v in self.views
+                TargetView(v.target, v.entries, v.error, v.free_bytes, v.read_at, v.busy_since) for v in self.views
             ]
             local = dict(self._local)
             job_error = self._job_error
@@ -219,13 +214,9 @@ class HealthMonitor:
         databases = []
         for name in names:
             run = runs.get(name)
-            databases.append(
-                DatabaseView(name, good.get(name), run[0] if run else None, run[1] if run else None)
-            )
+            databases.append(DatabaseView(name, good.get(name), run[0] if run else None, run[1] if run else None))
         heartbeat_age = None if self.heartbeat is None else time.monotonic() - self.heartbeat
-        return Snapshot(
-            databases, views, heartbeat_age, self.running_since, self.next_run_at, job_error, loaded
-        )
+        return Snapshot(databases, views, heartbeat_age, self.running_since, self.next_run_at, job_error, loaded)
 
     def payload(self, now: datetime | None = None) -> dict[str, Any]:
         """The /health document (SPEC): status, code, last_success, last_run, next_run_at, checks."""
@@ -266,8 +257,7 @@ def evaluate(
             checks.append(_space_check(view, needed))
     status = max((c.status for c in checks), key=_RANK.__getitem__, default=OK)
     per_db = {
-        db.name: {"last_success": _success_doc(db.last_good, now), "last_run": _run_doc(db)}
-        for db in snap.databases
+        db.name: {"last_success": _success_doc(db.last_good, now), "last_run": _run_doc(db)} for db in snap.databases
     }
     return {
         "status": status,
@@ -302,13 +292,9 @@ def _age_check(db: DatabaseView, loaded: bool, now: datetime, warn_s: float, cri
     age = _age(db.last_good, now)
     text = f"last backup of {db.name} is {format_duration(age)} old"
     if age > crit_s:
-        return Check(
-            "backup_age", CRITICAL, f"{text}, older than HEALTH_CRIT_AGE {format_duration(crit_s)}", extra
-        )
+        return Check("backup_age", CRITICAL, f"{text}, older than HEALTH_CRIT_AGE {format_duration(crit_s)}", extra)
     if age > warn_s:
-        return Check(
-            "backup_age", WARNING, f"{text}, older than HEALTH_WARN_AGE {format_duration(warn_s)}", extra
-        )
+        return Check("backup_age", WARNING, f"{text}, older than HEALTH_WARN_AGE {format_duration(warn_s)}", extra)
     return Check("backup_age", OK, text, extra)
 
 

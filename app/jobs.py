@@ -60,16 +60,14 @@ def backup_once(
     cancel = cancel or CancelToken()
     result = JobResult(slot=slot or slot_of(datetime.now(UTC)))
     try:
-        with run_lock(settings, "backup"):
+        with run_lock(settings, "backup", cancel):
             targets = make_targets(settings)
             for dbname in _expand(settings, databases or settings.db.databases):
                 if cancel.cancelled:
                     break
                 try:
                     with claim(settings, targets, dbname, result.slot, force):
-                        result.manifests.append(
-                            backup_database(settings, targets, dbname, cancel, result.slot)
-                        )
+                        result.manifests.append(backup_database(settings, targets, dbname, cancel, result.slot))
                 except SlotTaken as taken:
                     result.skip(taken.kind, str(taken))
                 except BackupFailed as exc:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from app.cancel import Cancelled, CancelToken
 from app.durations import format_duration
 from app.errors import SidecarError
 from app.settings import Settings
@@ -125,7 +126,12 @@ def _busy_holder(path: Path) -> Holder | None:
 
 @contextmanager
 def file_lock(
-    path: Path, what: str, host: str, timeout_s: float = 0.0, create_parent: bool = False
+    path: Path,
+    what: str,
+    host: str,
+    timeout_s: float = 0.0,
+    create_parent: bool = False,
+    cancel: CancelToken | None = None,
 ) -> Iterator[Holder]:
     """Hold an exclusive flock on ``path`` for the block; raise LockBusy after ``timeout_s`` of waiting.
 
@@ -145,6 +151,8 @@ def file_lock(
         while not _try_lock(fd):
             if time.monotonic() >= deadline:
                 raise LockBusy(what, _busy_holder(path), path)
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled(f"{what}: interrupted while waiting for the lock: {cancel.reason}")
             if not waited:
                 holder = _busy_holder(path)
                 log.info(
@@ -173,9 +181,9 @@ def file_lock(
 
 
 @contextmanager
-def run_lock(settings: Settings, what: str) -> Iterator[Holder]:
-    """The sidecar's lock on LOCK_FILE, waiting up to LOCK_TIMEOUT; LockBusy names the holder."""
+def run_lock(settings: Settings, what: str, cancel: CancelToken | None = None) -> Iterator[Holder]:
+    """The lock on LOCK_FILE, waiting up to LOCK_TIMEOUT (or until ``cancel``); LockBusy names the holder."""
     path = settings.lock.path
     create_parent = bool(settings.nas and settings.nas.create_missing and path.parent == settings.nas.path)
-    with file_lock(path, what, settings.hostname, settings.lock.timeout_s, create_parent) as holder:
+    with file_lock(path, what, settings.hostname, settings.lock.timeout_s, create_parent, cancel) as holder:
         yield holder

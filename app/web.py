@@ -70,9 +70,16 @@ class WebServer:
             threads=threads,
             ident="backup-sidecar",
             channel_timeout=30,
-            asyncore_loop_timeout=0.5,
         )
-        self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+        self._stopping = False
+        self.thread = threading.Thread(target=self._serve, name="http", daemon=True)
+
+    def _serve(self) -> None:
+        try:
+            self.server.run()
+        except (OSError, ValueError):
+            if not self._stopping:  # closing the sockets under select() is how stop() ends the loop
+                raise
 
     def start(self) -> None:
         self.thread.start()
@@ -80,6 +87,7 @@ class WebServer:
 
     def stop(self) -> None:
         """Close the connections and the listener; the serving thread ends on its next poll."""
+        self._stopping = True
         server: Any = self.server
         for channel in list(server._map.values()):
             if channel is not server:

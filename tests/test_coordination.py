@@ -71,10 +71,7 @@ def test_same_slot_is_skipped_and_force_backs_up_again(cli: Cli, pg: PgServer, n
     assert first.slot == slot_of(first.started_at)
     again = cli.run("backup", env={**env, "BACKUP_HOSTNAME": "host-b"})
     assert again.returncode == 0
-    assert (
-        f"skipped: {db}: slot {first.slot} already backed up as {first.id} by host-a, skipping"
-        in again.stderr
-    )
+    assert f"skipped: {db}: slot {first.slot} already backed up as {first.id} by host-a, skipping" in again.stderr
     assert len(manifests(nas)) == 1
     forced = cli.run("backup", "--force", env=env)
     assert forced.returncode == 0, forced.stderr
@@ -105,19 +102,14 @@ def test_database_lock_held_by_another_host_skips_and_names_it(cli: Cli, pg: PgS
         autocommit=True,
     ) as other:
         other.execute("SELECT pg_advisory_lock(%s)", (lock_key(db),))
-        since = other.execute(
-            "SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
-        ).fetchone()[0]
+        since = other.execute("SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()").fetchone()[0]
         result = cli.run("backup", env=pg.env(POSTGRES_DB=db, NAS_PATH=str(nas)))
         forced = cli.run("backup", "--force", env=pg.env(POSTGRES_DB=db, NAS_PATH=str(nas)))
     assert result.returncode == 0
     assert (
-        f"skipped: {db}: already running on pod-7f9c since {since.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}"
-        in result.stderr
+        f"skipped: {db}: already running on pod-7f9c since {since.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}" in result.stderr
     )
-    assert forced.returncode == 0 and "already running on pod-7f9c" in forced.stderr, (
-        "--force never ignores locks"
-    )
+    assert forced.returncode == 0 and "already running on pod-7f9c" in forced.stderr, "--force never ignores locks"
     assert manifests(nas) == []
     after = cli.run("backup", env=pg.env(POSTGRES_DB=db, NAS_PATH=str(nas)))
     assert after.returncode == 0, after.stderr

@@ -99,10 +99,7 @@ def test_backup_27h_old_is_a_warning(nas: Path) -> None:
     plant(nas_target(nas), "app", age_s=27 * HOUR)
     doc = monitor_for({"NAS_PATH": str(nas)}).payload()
     assert (doc["status"], doc["code"]) == ("warning", 1)
-    assert (
-        check(doc, "backup_age")["message"]
-        == "last backup of app is 1d3h old, older than HEALTH_WARN_AGE 1d2h"
-    )
+    assert check(doc, "backup_age")["message"] == "last backup of app is 1d3h old, older than HEALTH_WARN_AGE 1d2h"
 
 
 def test_backup_older_than_crit_age_is_critical(nas: Path) -> None:
@@ -171,7 +168,16 @@ def test_unreachable_s3_is_a_warning_and_the_nas_still_tells_the_age(nas: Path) 
     assert doc["status"] == "warning"
     assert doc["last_success"]["id"] == made.id
     s3_check = check(doc, "target:s3")
-    assert s3_check["status"] == "warning" and "S3: cannot list the bucket" in s3_check["message"]
+    assert s3_check["status"] == "warning" and "S3: cannot check the bucket" in s3_check["message"]
+    assert "hint: check S3_ENDPOINT" in s3_check["message"]
+
+
+def test_unmounted_nas_is_reported_not_shown_as_empty(tmp_path: Path) -> None:
+    doc = monitor_for({"NAS_PATH": str(tmp_path / "not-mounted")}).payload()
+    nas_check = check(doc, "target:nas")
+    assert nas_check["status"] == "warning" and "does not exist or is not a directory" in nas_check["message"]
+    assert check(doc, "backup_age")["message"] == "app: no target could be read yet"
+    assert not (tmp_path / "not-mounted").exists()
 
 
 def test_replica_that_never_ran_sees_the_backup_another_host_made(s3: S3Server, bucket: str) -> None:
@@ -222,9 +228,7 @@ def hanging_endpoint() -> Iterator[str]:
 
 def test_health_answers_within_a_second_while_s3_hangs(sidecar, nas: Path, hanging_endpoint: str) -> None:
     plant(nas_target(nas), "app", age_s=HOUR)
-    s = sidecar(
-        {"NAS_PATH": str(nas), "POSTGRES_DB": "app", "S3_BUCKET": "backups", "S3_ENDPOINT": hanging_endpoint}
-    )
+    s = sidecar({"NAS_PATH": str(nas), "POSTGRES_DB": "app", "S3_BUCKET": "backups", "S3_ENDPOINT": hanging_endpoint})
     s.wait_for("the first verdict", lambda d: "status" in d, timeout=30)
     slowest, doc = 0.0, {}
     deadline = time.monotonic() + 15
@@ -284,3 +288,35 @@ def test_nagios_check_http_and_the_health_command_read_the_verdict(sidecar, cli,
     assert line.returncode == 2
     assert line.stdout.startswith("BACKUP CRITICAL - last run failed: pg_dump failed: disk quota exceeded")
     bad.stop()
+
+
+def test_health_listeners_hear_each_status_change(nas: Path, tmp_path: Path) -> None:
+    from app.runtime import Runtime
+
+    settings = load_settings(
+        {
+            "NAS_PATH": str(nas),
+            "POSTGRES_DB": "app",
+            "HEALTH_BIND": "127.0.0.1",
+            "HEALTH_PORT": "0",
+            "LOCK_FILE": str(tmp_path / "lock"),
+        }
+    )
+    rt = Runtime(settings, refresh_s=0.3)
+    heard: list[tuple[str | None, str]] = []
+    rt.on_health.append(lambda old, new, doc: heard.append((old, new)))
+    loop = threading.Thread(target=rt.run, daemon=True)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not heard and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert heard == [(None, "warning")], "the first verdict after start: no backup yet"
+        plant(nas_target(nas), "app", age_s=60)
+        while len(heard) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert heard == [(None, "warning"), ("warning", "ok")]
+    finally:
+        rt.stop_signal = "TEST"
+        loop.join(10)
+    assert not loop.is_alive()

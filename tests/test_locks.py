@@ -37,10 +37,7 @@ def test_lock_file_records_the_holder_and_a_second_taker_is_told_who(tmp_path: P
         t.start()
         t.join()
     (busy,) = errors
-    assert (
-        str(busy)
-        == f"prune: already running on host-a since {holder.since} (pid {os.getpid()}, backup), skipping"
-    )
+    assert str(busy) == f"prune: already running on host-a since {holder.since} (pid {os.getpid()}, backup), skipping"
     assert read_holder(path) is None, "a released lock records no holder"
     with file_lock(path, "prune", "host-b"):
         pass
@@ -71,9 +68,7 @@ def test_waiting_taker_gets_the_lock_when_the_holder_lets_go(tmp_path: Path) -> 
 
 
 def test_lock_file_in_a_missing_directory_is_one_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(
-        LockError, match=r"cannot open the lock file .*hint: LOCK_FILE must be on a writable volume"
-    ):
+    with pytest.raises(LockError, match=r"cannot open the lock file .*hint: LOCK_FILE must be on a writable volume"):
         with file_lock(tmp_path / "not-mounted" / "lock", "backup", "h"):
             pass
 
@@ -93,9 +88,7 @@ def _lock_holder_process(path: Path) -> subprocess.Popen[str]:
     return proc
 
 
-def test_lock_of_a_killed_process_never_blocks_the_next_run(
-    cli: Cli, pg: PgServer, nas: Path, tmp_path: Path
-) -> None:
+def test_lock_of_a_killed_process_never_blocks_the_next_run(cli: Cli, pg: PgServer, nas: Path, tmp_path: Path) -> None:
     db = small_db(pg)
     lock = tmp_path / "shared.lock"
     env = pg.env(POSTGRES_DB=db, NAS_PATH=str(nas), LOCK_FILE=str(lock))
@@ -145,20 +138,15 @@ def test_second_backup_on_one_lock_file_skips_naming_the_holder(
     skip_lines = [line for line in second.stderr.splitlines() if "skipping" in line]
     assert skip_lines, second.stderr
     assert (
-        f"already running on first-host since {holder['since']} (pid {first.pid}, backup), skipping"
-        in skip_lines[-1]
+        f"already running on first-host since {holder['since']} (pid {first.pid}, backup), skipping" in skip_lines[-1]
     )
     assert CANARY not in second.stderr + err + out
     assert len(manifests(nas)) == 1
 
 
-def test_lock_timeout_waits_for_the_holder_then_runs(
-    cli: Cli, pg: PgServer, nas: Path, tmp_path: Path
-) -> None:
+def test_lock_timeout_waits_for_the_holder_then_runs(cli: Cli, pg: PgServer, nas: Path, tmp_path: Path) -> None:
     db = small_db(pg)
-    env = pg.env(
-        POSTGRES_DB=db, NAS_PATH=str(nas), LOCK_FILE=str(tmp_path / "shared.lock"), LOCK_TIMEOUT="60"
-    )
+    env = pg.env(POSTGRES_DB=db, NAS_PATH=str(nas), LOCK_FILE=str(tmp_path / "shared.lock"), LOCK_TIMEOUT="60")
     with table_locked(pg, db):
         first = cli.popen("backup", env=env)
         wait_pg_dump_blocked(pg, db)

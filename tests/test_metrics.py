@@ -35,9 +35,7 @@ def scrape(s: Sidecar) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]
 
 
 def promtool_check(text: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
-    )
+    return subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
 
 
 def test_metrics_pass_promtool_and_describe_the_run(sidecar, pg: PgServer, nas: Path) -> None:
@@ -64,9 +62,7 @@ def test_replica_reports_manifest_ages_and_counts_lock_skips(sidecar, nas: Path,
     made = plant(nas_target(nas), "app", age_s=27 * HOUR)
     lock = tmp_path / "shared.lock"
     with file_lock(lock, "backup", "the-other-pod"):
-        s = sidecar(
-            {"NAS_PATH": str(nas), "POSTGRES_DB": "app", "LOCK_FILE": str(lock), "BACKUP_ON_START": "true"}
-        )
+        s = sidecar({"NAS_PATH": str(nas), "POSTGRES_DB": "app", "LOCK_FILE": str(lock), "BACKUP_ON_START": "true"})
         s.wait_log("already running on the-other-pod since", timeout=30)
         s.wait_for("the skip", lambda d: d["running"] is None, timeout=10)
         text, samples = scrape(s)

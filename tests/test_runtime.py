@@ -58,17 +58,13 @@ class Sidecar:
         status, body = self.get("/health", timeout)
         return status, json.loads(body)
 
-    def wait_for(
-        self, what: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 60
-    ) -> dict[str, Any]:
+    def wait_for(self, what: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
         """Poll /health until ``pred(payload)``; fail with the log when the process dies or time runs out."""
         deadline = time.monotonic() + timeout
         last: dict[str, Any] | None = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"sidecar exited {self.proc.returncode} waiting for {what}:\n{self.log()}"
-                )
+                raise AssertionError(f"sidecar exited {self.proc.returncode} waiting for {what}:\n{self.log()}")
             with contextlib.suppress(OSError):
                 _, last = self.health()
                 if pred(last):
@@ -181,6 +177,23 @@ def test_run_serves_health_and_exits_at_once_on_sigterm_when_idle(sidecar, nas: 
     assert "SIGTERM received: stopping" in s.log()
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_sidecar_does_not_spin(sidecar, nas: Path) -> None:
+    """Idle means idle: no busy loop in the scheduler, the HTTP server or the health refresher."""
+    s = sidecar({"NAS_PATH": str(nas)})
+    s.wait_for("a verdict", lambda d: "status" in d, timeout=30)
+    time.sleep(1)
+    before = _cpu_seconds(s.proc.pid)
+    time.sleep(3)
+    used = _cpu_seconds(s.proc.pid) - before
+    s.stop()
+    assert used < 0.3, f"{used:.2f} s of CPU in 3 s of idling"
+
+
 def test_sigint_stops_like_sigterm(sidecar, nas: Path) -> None:
     s = sidecar({"NAS_PATH": str(nas)})
     s.wait_for("a verdict", lambda d: "status" in d, timeout=30)
@@ -202,9 +215,7 @@ def test_backup_on_start_makes_a_backup_then_health_is_ok(sidecar, pg: PgServer,
     assert s.returncode == 0
 
 
-def test_scheduled_slot_fires_a_backup_with_the_slot_in_its_manifest(
-    sidecar, pg: PgServer, nas: Path
-) -> None:
+def test_scheduled_slot_fires_a_backup_with_the_slot_in_its_manifest(sidecar, pg: PgServer, nas: Path) -> None:
     db = small_db(pg)
     s = sidecar(pg.env(POSTGRES_DB=db, NAS_PATH=str(nas), BACKUP_SCHEDULE="every 5s"))
     s.wait_for("a scheduled backup", lambda d: d["last_success"] is not None, timeout=40)
@@ -218,9 +229,7 @@ def test_scheduled_slot_fires_a_backup_with_the_slot_in_its_manifest(
 def test_overrunning_backup_skips_slots_instead_of_piling_up(sidecar, pg: PgServer, nas: Path) -> None:
     db = small_db(pg)
     with table_locked(pg, db):
-        s = sidecar(
-            pg.env(POSTGRES_DB=db, NAS_PATH=str(nas), BACKUP_SCHEDULE="every 1s", BACKUP_ON_START="true")
-        )
+        s = sidecar(pg.env(POSTGRES_DB=db, NAS_PATH=str(nas), BACKUP_SCHEDULE="every 1s", BACKUP_ON_START="true"))
         wait_pg_dump_blocked(pg, db)
         s.wait_log("is still running", timeout=10)
         time.sleep(1.5)
