@@ -92,17 +92,24 @@ def find_slot_backup(targets: Sequence[Target], dbname: str, slot: str) -> str |
 
 @contextmanager
 def claim(
-    settings: Settings, targets: Sequence[Target], dbname: str, slot: str | None, force: bool = False
+    settings: Settings,
+    targets: Sequence[Target],
+    dbname: str,
+    slot: str | None,
+    force: bool = False,
+    lock_db: str | None = None,
 ) -> Iterator[None]:
     """Hold this database's slot for the block, or raise SlotTaken saying who has it or made it.
 
-    When the database cannot be reached for the lock, the run goes ahead without it: the dump will fail
-    the same way and leave a failed manifest that /health and notifications see, instead of a silent skip.
+    ``dbname`` names the artifact (a database, ``_globals``, the files archive); the advisory lock is held
+    in ``lock_db`` (default: ``dbname`` itself). When that database cannot be reached for the lock, the run
+    goes ahead without it: the dump will fail the same way and leave a failed manifest that /health and
+    notifications see, instead of a silent skip.
     """
     key = lock_key(dbname)
     conn: psycopg.Connection | None = None
     try:
-        conn = pg.connect(settings.db, dbname, app_name=app_name(settings.hostname))
+        conn = pg.connect(settings.db, lock_db or dbname, app_name=app_name(settings.hostname))
     except SidecarError as exc:
         log.warning("%s: cannot take the database lock, going ahead without it: %s", dbname, exc)
     try:

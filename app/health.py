@@ -245,6 +245,9 @@ def evaluate(
     if snap.job_error is not None:
         at, error = snap.job_error
         checks.append(Check("job", CRITICAL, f"the backup job at {utc_iso(at)} failed: {error}"))
+    if not snap.databases:  # POSTGRES_DB=* and nothing found yet: no backup is not "ok"
+        text = "no backup yet" if snap.loaded else "no target could be read yet"
+        checks.append(Check("backup_age", WARNING, text))
     for db in snap.databases:
         checks.append(_age_check(db, snap.loaded, now, warn_s, crit_s))
         if db.last_run is not None:

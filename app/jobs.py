@@ -1,24 +1,29 @@
-"""A backup job: every configured database once, as the CLI and the scheduler run it.
+"""A backup job: every configured database and the extras (globals, files) once, as the CLI and scheduler run it.
 
-The job holds LOCK_FILE for its whole length (never twice on one volume) and claims each database's slot
+The job holds LOCK_FILE for its whole length (never twice on one volume) and claims each artifact's slot
 through the database itself (never twice across hosts); a run that finds either taken is skipped, not
-failed, and says who holds it.
+failed, and says who holds it. Up to BACKUP_CONCURRENCY artifacts stream side by side; one failing does
+not stop the others.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from app import pg
-from app.backup import BackupFailed, backup_database
+from app.backup import Artifact, BackupFailed, dump_artifact, run_artifact
 from app.cancel import CancelToken
 from app.coordination import SlotTaken, claim, slot_of
+from app.databases import resolve_databases
+from app.files_archive import files_artifact
+from app.globals_dump import globals_artifact
 from app.locks import LockBusy, run_lock
 from app.manifest import Manifest
 from app.settings import Settings
 from app.targets import make_targets
+from app.targets.base import Target
 
 
 @dataclass
@@ -45,6 +50,15 @@ class JobResult:
         self.skip_kinds.append(kind)
 
 
+@dataclass(frozen=True)
+class _Unit:
+    """One artifact of the job: its name, the database whose advisory lock claims it, how to build it."""
+
+    name: str
+    lock_db: str
+    make: Callable[[], Artifact]
+
+
 def backup_once(
     settings: Settings,
     databases: Sequence[str] | None = None,
@@ -52,7 +66,7 @@ def backup_once(
     cancel: CancelToken | None = None,
     slot: str | None = None,
 ) -> JobResult:
-    """Back up each database; one failing does not stop the others.
+    """Back up each database (``databases``, else POSTGRES_DB) and, without ``databases``, the extras.
 
     ``slot`` defaults to the current minute (the `backup` command); ``force`` ignores a backup already
     made for the slot, never the locks.
@@ -62,26 +76,56 @@ def backup_once(
     try:
         with run_lock(settings, "backup", cancel):
             targets = make_targets(settings)
-            for dbname in _expand(settings, databases or settings.db.databases):
-                if cancel.cancelled:
-                    break
-                try:
-                    with claim(settings, targets, dbname, result.slot, force):
-                        result.manifests.append(backup_database(settings, targets, dbname, cancel, result.slot))
-                except SlotTaken as taken:
-                    result.skip(taken.kind, str(taken))
-                except BackupFailed as exc:
-                    result.manifests.append(exc.manifest)
+            units = _units(settings, databases, cancel)
+            outcomes: list[tuple[str, str | Manifest] | None] = [None] * len(units)
+
+            def one(index: int) -> None:
+                if not cancel.cancelled:
+                    outcomes[index] = _back_up(settings, targets, units[index], result.slot, force, cancel)
+
+            workers = min(settings.dump.concurrency, len(units))
+            if workers <= 1:
+                for i in range(len(units)):
+                    one(i)
+            else:
+                with ThreadPoolExecutor(workers, thread_name_prefix="backup") as pool:
+                    list(pool.map(one, range(len(units))))
+            for outcome in outcomes:  # in configuration order, whatever order they finished in
+                if outcome is None:
+                    continue
+                kind, value = outcome
+                if isinstance(value, Manifest):
+                    result.manifests.append(value)
+                else:
+                    result.skip(kind, value)
     except LockBusy as busy:
         result.skip("lock", str(busy))
     return result
 
 
-def _expand(settings: Settings, databases: Sequence[str]) -> list[str]:
-    """POSTGRES_DB=* means every connectable database on the server but POSTGRES_DB_EXCLUDE."""
-    if "*" not in databases:
-        return list(databases)
-    with pg.connect(settings.db, "postgres") as conn:
-        found = pg.list_databases(conn)
-    named = [d for d in databases if d != "*"]
-    return named + [d for d in found if d not in named and d not in settings.db.exclude]
+def _units(settings: Settings, databases: Sequence[str] | None, cancel: CancelToken) -> list[_Unit]:
+    names = resolve_databases(settings, list(databases) if databases else None)
+    units = [_Unit(n, n, lambda n=n: dump_artifact(settings, n, cancel)) for n in names]
+    if databases:  # `backup --db NAME` is about those databases only
+        return units
+    home = names[0] if names else "postgres"
+    if settings.dump.globals:
+        units.append(_Unit("_globals", home, lambda: globals_artifact(settings, cancel)))
+    if settings.files is not None:
+        files = settings.files
+        units.append(_Unit(files.name, home, lambda: files_artifact(files, cancel)))
+    return units
+
+
+def _back_up(
+    settings: Settings, targets: Sequence[Target], unit: _Unit, slot: str | None, force: bool, cancel: CancelToken
+) -> tuple[str, str | Manifest]:
+    """("ok"|"failed", manifest) or (skip kind, why) for one artifact."""
+    try:
+        with claim(settings, targets, unit.name, slot, force, lock_db=unit.lock_db):
+            manifest = run_artifact(settings, targets, unit.make(), cancel, slot)
+    except SlotTaken as taken:
+        return taken.kind, str(taken)
+    except BackupFailed as exc:
+        manifest = exc.manifest
+    return manifest.status, manifest

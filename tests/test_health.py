@@ -136,6 +136,13 @@ def test_no_backup_yet_is_a_warning(nas: Path) -> None:
     assert check(doc, "backup_age")["message"] == "no backup of app yet"
 
 
+def test_every_database_setting_with_no_backup_at_all_is_a_warning(nas: Path) -> None:
+    doc = monitor_for({"NAS_PATH": str(nas), "POSTGRES_DB": "*"}).payload()
+    assert (doc["status"], check(doc, "backup_age")["message"]) == ("warning", "no backup yet")
+    plant(nas_target(nas), "shop", age_s=HOUR)
+    assert monitor_for({"NAS_PATH": str(nas), "POSTGRES_DB": "*"}).payload()["status"] == "ok"
+
+
 def test_each_database_is_judged_and_the_stalest_is_reported(nas: Path) -> None:
     target = nas_target(nas)
     plant(target, "app", age_s=HOUR)
