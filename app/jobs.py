@@ -8,6 +8,7 @@ not stop the others.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from app.backup import Artifact, BackupFailed, dump_artifact, run_artifact
 from app.cancel import CancelToken
 from app.coordination import SlotTaken, claim, slot_of
 from app.databases import resolve_databases
+from app.errors import SidecarError
 from app.files_archive import files_artifact
 from app.globals_dump import globals_artifact
 from app.locks import LockBusy, run_lock
@@ -24,6 +26,8 @@ from app.manifest import Manifest
 from app.settings import Settings
 from app.targets import make_targets
 from app.targets.base import Target
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,9 +102,24 @@ def backup_once(
                     result.manifests.append(value)
                 else:
                     result.skip(kind, value)
+            if settings.retention.after_backup and any(m.ok for m in result.manifests) and not cancel.cancelled:
+                _prune_after_backup(settings, targets)
     except LockBusy as busy:
         result.skip("lock", str(busy))
     return result
+
+
+def _prune_after_backup(settings: Settings, targets: Sequence[Target]) -> None:
+    """PRUNE_AFTER_BACKUP: retention under the same lock; its trouble is logged, the backup stays a success."""
+    from app.retention import prune
+
+    try:
+        plan = prune(settings, targets)
+    except SidecarError as exc:
+        log.error("prune after backup failed: %s", exc)
+        return
+    for error in plan.errors:
+        log.warning("prune after backup: %s", error)
 
 
 def _units(settings: Settings, databases: Sequence[str] | None, cancel: CancelToken) -> list[_Unit]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -11,55 +10,18 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from conftest import S3Server, free_port
-from test_runtime import Sidecar, sidecars
+from test_runtime import HOUR, Sidecar, nas_target, plant, sidecars
 
 from app import layout
 from app.health import HealthMonitor
-from app.manifest import Manifest
 from app.settings import load_settings
 from app.targets import make_targets
-from app.targets.base import Target
 
 CHECK_HTTP = "/usr/lib/nagios/plugins/check_http"
-HOUR = 3600
-
-
-def plant(
-    target: Target,
-    db: str,
-    age_s: float,
-    *,
-    error: str | None = None,
-    data: bytes = b"\x28\xb5" * 500,
-    duration_s: int = 42,
-) -> Manifest:
-    """A backup (artifact + manifest) that finished ``age_s`` ago, written through the Target API."""
-    finished = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=age_s)
-    started = finished - timedelta(seconds=duration_s)
-    ok = error is None
-    m = Manifest(
-        id=layout.backup_id(db, started),
-        status="ok" if ok else "failed",
-        database=db,
-        started_at=started,
-        finished_at=finished,
-        host="planted",
-        format="custom",
-        compression="zstd",
-        artifact=layout.artifact_key(db, started, layout.artifact_ext("custom", "zstd")),
-        size_bytes=len(data) if ok else 0,
-        sha256=hashlib.sha256(data).hexdigest() if ok else None,
-        error=error,
-    )
-    if ok:
-        target.put_bytes(m.artifact, data)
-    target.put_bytes(layout.manifest_key(db, started), m.to_json())
-    return m
 
 
 def monitor_for(env: dict[str, str], **kwargs: float) -> HealthMonitor:
@@ -67,10 +29,6 @@ def monitor_for(env: dict[str, str], **kwargs: float) -> HealthMonitor:
     monitor = HealthMonitor(settings, make_targets(settings), watch_loop=False, **kwargs)  # type: ignore[arg-type]
     monitor.refresh_all(wait=20)
     return monitor
-
-
-def nas_target(nas: Path) -> Target:
-    return make_targets(load_settings({"NAS_PATH": str(nas)}))[0]
 
 
 @pytest.fixture

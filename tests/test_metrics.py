@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import Cli, PgServer
 from prometheus_client.parser import text_string_to_metric_families
-from test_health import HOUR, nas_target, plant
-from test_runtime import Sidecar, manifests, sidecars, small_db
+from test_runtime import HOUR, Sidecar, manifests, nas_target, plant, sidecars, small_db
 
 from app.locks import file_lock
 

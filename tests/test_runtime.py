@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -12,16 +13,58 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import CANARY, Cli, PgServer, S3Server, free_port
 
+from app import layout
 from app.manifest import Manifest
 from app.runtime import _STOP, Runtime
 from app.settings import load_settings
+from app.targets import make_targets
+from app.targets.base import Target
+
+HOUR = 3600
+
+
+def plant(
+    target: Target,
+    db: str,
+    age_s: float,
+    *,
+    error: str | None = None,
+    data: bytes = b"\x28\xb5" * 500,
+    duration_s: int = 42,
+) -> Manifest:
+    """A backup (artifact + manifest) that finished ``age_s`` ago, written through the Target API."""
+    finished = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=age_s)
+    started = finished - timedelta(seconds=duration_s)
+    ok = error is None
+    m = Manifest(
+        id=layout.backup_id(db, started),
+        status="ok" if ok else "failed",
+        database=db,
+        started_at=started,
+        finished_at=finished,
+        host="planted",
+        format="custom",
+        compression="zstd",
+        artifact=layout.artifact_key(db, started, layout.artifact_ext("custom", "zstd")),
+        size_bytes=len(data) if ok else 0,
+        sha256=hashlib.sha256(data).hexdigest() if ok else None,
+        error=error,
+    )
+    if ok:
+        target.put_bytes(m.artifact, data)
+    target.put_bytes(layout.manifest_key(db, started), m.to_json())
+    return m
+
+
+def nas_target(nas: Path) -> Target:
+    return make_targets(load_settings({"NAS_PATH": str(nas)}))[0]
 
 
 class Sidecar:
@@ -339,3 +382,15 @@ def test_job_listeners_get_every_finished_job(tmp_path: Path, pg: PgServer) -> N
     assert not result.ok and result.failures[0].status == "failed"
     assert result.slot == "2026-11-22T03:00Z"
     assert os.path.exists(tmp_path / "lock")
+
+
+def test_prune_after_backup_applies_retention_under_the_same_lock(cli: Cli, pg: PgServer, nas: Path) -> None:
+    db = small_db(pg)
+    old = plant(nas_target(nas), db, age_s=40 * 24 * HOUR)
+    policy = {"BACKUP_KEEP_DAILY": "1", "BACKUP_KEEP_WEEKLY": "0", "BACKUP_KEEP_MONTHLY": "0", "BACKUP_KEEP_MIN": "1"}
+    env = pg.env(POSTGRES_DB=db, NAS_PATH=str(nas), **policy)
+    cli.run("backup", env={**env, "PRUNE_AFTER_BACKUP": "false"}, check=True)
+    assert old.id in {m.id for m in manifests(nas)}
+    cli.run("backup", "--force", env=env, check=True)
+    kept = {m.id for m in manifests(nas)}
+    assert old.id not in kept and len(kept) == 1

@@ -145,7 +145,7 @@ class NasTarget(Target):
                 "(hint: mount the backup volume there or fix NAS_PATH; the sidecar does not create it, so an "
                 "unmounted volume cannot silently fill the container's disk)"
             )
-        probe = self.root / f".backup-sidecar-probe-{os.getpid()}"
+        probe = self.root / f".backup-sidecar-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # threads check at once
         try:
             probe.write_bytes(b"")
             probe.unlink()
