@@ -7,8 +7,9 @@ Threads and who owns what:
 * one worker thread at a time runs a backup job; a slot that falls due while it runs is skipped (logged,
   counted), so an overrunning backup never piles up runs behind it.
 * waitress threads serve /health and /metrics from the health monitor's cache.
-* an event thread calls the listeners (``job_listeners``, ``health_listeners``) so a slow notifier never
-  stalls the loop or the next backup.
+* an event thread calls the listeners (``job_start_listeners``, ``job_listeners``, ``health_listeners``,
+  copied into each Runtime as ``on_job_start``, ``on_job``, ``on_health``) in order, so a slow notifier
+  never stalls the loop or the next backup.
 
 SIGTERM/SIGINT handlers only write flags (the stop flag and the shared CancelToken). Idle, the loop sees
 the flag within one tick and exits 0. During a backup the token makes the pipeline kill pg_dump, and
@@ -46,10 +47,13 @@ from app.web import WebServer, make_app
 
 log = logging.getLogger(__name__)
 
+JobStartListener = Callable[[str], object]
 JobListener = Callable[[JobResult], object]
 #: (old status or None for the first verdict after start, new status, the /health payload)
 HealthListener = Callable[[str | None, str, dict[str, Any]], object]
 
+#: Called when `run` starts a backup job, with its slot (e.g. for a dead-man's switch's /start ping).
+job_start_listeners: list[JobStartListener] = []
 #: Called after every finished backup job of `run`, with its JobResult (also for skipped and failed jobs).
 job_listeners: list[JobListener] = []
 #: Called when the /health status changes (ok / warning / critical).
@@ -83,6 +87,7 @@ class Runtime:
         self.cancel = CancelToken()
         self.stop_signal: str | None = None
         self.scheduler = schedule.Scheduler()
+        self.on_job_start: list[JobStartListener] = list(job_start_listeners)
         self.on_job: list[JobListener] = list(job_listeners)
         self.on_health: list[HealthListener] = list(health_listeners)
         self._worker: threading.Thread | None = None
@@ -124,7 +129,7 @@ class Runtime:
         """The library's job: start a backup for the slot that fell due (called on the loop's thread)."""
         now = datetime.now(UTC)
         slot = self.slot_due(now)
-        self._expected = self.next_run(now)
+        self._expected = self.monitor.next_run_at = self.next_run(now)
         self.launch(slot, "scheduled")
 
     def launch(self, slot: str, why: str) -> bool:
@@ -139,6 +144,7 @@ class Runtime:
             return False
         self._worker_started = datetime.now(UTC)
         self.monitor.job_started()
+        self._events.put(("start", slot))
         self._worker = threading.Thread(target=self._job, args=(slot, why), name="backup", daemon=True)
         self._worker.start()
         return True
@@ -177,10 +183,12 @@ class Runtime:
     def _dispatch_events(self) -> None:
         while (item := self._events.get()) is not _STOP:
             kind, payload = item
-            listeners: list[Callable[..., object]] = list(self.on_job if kind == "job" else self.on_health)
+            listeners: list[Callable[..., object]] = list(
+                {"start": self.on_job_start, "job": self.on_job, "health": self.on_health}[kind]
+            )
             for listener in listeners:
                 try:
-                    listener(payload) if kind == "job" else listener(*payload)
+                    listener(*payload) if kind == "health" else listener(payload)
                 except Exception:
                     log.exception("a %s listener failed", kind)
 

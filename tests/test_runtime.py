@@ -367,6 +367,7 @@ def test_job_listeners_get_every_finished_job(tmp_path: Path, pg: PgServer) -> N
     }
     rt = Runtime(load_settings(env))
     seen: list[Any] = []
+    rt.on_job_start.append(seen.append)
     rt.on_job.append(seen.append)
     import threading
 
@@ -375,10 +376,11 @@ def test_job_listeners_get_every_finished_job(tmp_path: Path, pg: PgServer) -> N
     assert rt.launch("2026-11-22T03:00Z", "test")
     rt._worker.join(30)  # type: ignore[union-attr]
     deadline = time.monotonic() + 5
-    while not seen and time.monotonic() < deadline:
+    while len(seen) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     rt._events.put(_STOP)
-    (result,) = seen
+    started, result = seen
+    assert started == "2026-11-22T03:00Z"
     assert not result.ok and result.failures[0].status == "failed"
     assert result.slot == "2026-11-22T03:00Z"
     assert os.path.exists(tmp_path / "lock")
