@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import time
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
 
 import psycopg
 from conftest import CANARY, Cli, PgServer, S3Server, free_port
-from test_runtime import manifests, small_db
+from test_runtime import manifests, small_db, wait_for_early_minute
 
 from app.coordination import app_name, lock_key, slot_of
 from app.manifest import Manifest
-
-
-def wait_for_early_minute(latest_second: int = 45) -> None:
-    """Start near a minute's beginning, so processes started together compute the same slot."""
-    while datetime.now(UTC).second >= latest_second:
-        time.sleep(0.2)
 
 
 def s3_manifests(s3: S3Server, bucket: str) -> list[Manifest]:

@@ -172,6 +172,12 @@ def table_locked(pg: PgServer, dbname: str, table: str = "t") -> Iterator[None]:
             conn.rollback()
 
 
+def wait_for_early_minute(latest_second: int = 45) -> None:
+    """Start near a minute's beginning, so processes started together compute the same slot."""
+    while datetime.now(UTC).second >= latest_second:
+        time.sleep(0.2)
+
+
 def small_db(pg: PgServer) -> str:
     name = pg.create_db()
     pg.psql(
@@ -271,6 +277,7 @@ def test_scheduled_slot_fires_a_backup_with_the_slot_in_its_manifest(sidecar, pg
 
 def test_overrunning_backup_skips_slots_instead_of_piling_up(sidecar, pg: PgServer, nas: Path) -> None:
     db = small_db(pg)
+    wait_for_early_minute(40)  # a new minute would be a new slot, and rightly a second backup
     with table_locked(pg, db):
         s = sidecar(pg.env(POSTGRES_DB=db, NAS_PATH=str(nas), BACKUP_SCHEDULE="every 1s", BACKUP_ON_START="true"))
         wait_pg_dump_blocked(pg, db)
