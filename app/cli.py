@@ -16,6 +16,8 @@ from app.logs import mask, register_secrets, setup_logging
 from app.settings import ConfigError, Settings, describe, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: `run` stops within about 10 s of SIGTERM; queued notifications get this long on top (none: no wait at all)
+NOTIFY_DRAIN_AT_STOP_S = 5.0
 log = logging.getLogger("backup-sidecar")
 
 
@@ -109,28 +111,29 @@ def _dispatch(args: argparse.Namespace, settings: Settings, cancel: CancelToken)
     if args.command == "list":
         return _list(settings, args.db, args.json)
     if args.command == "backup":
-        from app.jobs import backup_once
-
-        dbs = [d.strip() for d in args.db.split(",") if d.strip()] if args.db else None
-        result = backup_once(settings, dbs, force=args.force, cancel=cancel)
-        for why in result.skipped:
-            print(f"backup-sidecar: skipped: {why}", file=sys.stderr)
-        if result.failures:
-            failed = result.failures
-            print(f"backup-sidecar: error: {len(failed)} of {len(result.manifests)} backup(s) failed: "
-                  + "; ".join(f"{m.id}: {m.error}" for m in failed), file=sys.stderr)
-            return EXIT_FAILED
-        for m in result.manifests:
-            print(f"{m.id} ok {m.size_bytes} bytes sha256:{m.sha256}")
-        return EXIT_OK
+        return _backup(settings, args, cancel)
     if args.command == "run":
+        from app.notify import Notifier
+        from app.notify.hooks import attach_to_runtime
         from app.runtime import run
 
-        return run(settings)
+        notifier = Notifier.from_settings(settings)
+        stop_reports = attach_to_runtime(notifier, settings)
+        try:
+            return run(settings)
+        finally:
+            stop_reports.set()
+            notifier.close(NOTIFY_DRAIN_AT_STOP_S)
     if args.command == "verify":
+        from app.notify import Notifier
         from app.verify import verify_command
 
-        return EXIT_OK if verify_command(settings, args.ref, args.all, args.db, args.restore_test) else EXIT_FAILED
+        notifier = Notifier.from_settings(settings)
+        try:
+            ok = verify_command(settings, args.ref, args.all, args.db, args.restore_test, notifier)
+        finally:
+            notifier.close()
+        return EXIT_OK if ok else EXIT_FAILED
     if args.command == "restore":
         from app.restore import restore_command
 
@@ -145,10 +148,46 @@ def _dispatch(args: argparse.Namespace, settings: Settings, cancel: CancelToken)
         restore_files_command(settings, args.ref, Path(args.to_dir), force=args.force, source=args.source)
         return EXIT_OK
     if args.command == "prune":
+        from app.notify import Notifier
         from app.retention import prune_command
 
-        return EXIT_OK if prune_command(settings, dry_run=args.dry_run) else EXIT_FAILED
+        notifier = Notifier.from_settings(settings)
+        try:
+            ok = prune_command(settings, dry_run=args.dry_run, notifier=notifier)
+        finally:
+            notifier.close()
+        return EXIT_OK if ok else EXIT_FAILED
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _backup(settings: Settings, args: argparse.Namespace, cancel: CancelToken) -> int:
+    """One backup job now; every outcome also reaches the notifier, which is drained before exiting."""
+    from app.jobs import backup_once
+    from app.notify import Notifier
+    from app.notify.hooks import report_job
+
+    dbs = [d.strip() for d in args.db.split(",") if d.strip()] if args.db else None
+    notifier = Notifier.from_settings(settings)
+    notifier.run_started(dbs or settings.db.databases)
+    try:
+        result = backup_once(settings, dbs, force=args.force, cancel=cancel)
+    except SidecarError as exc:
+        notifier.failure("backup", None, str(exc))
+        notifier.run_finished(False)
+        notifier.close()
+        raise
+    report_job(notifier, result, settings)
+    notifier.close()
+    for why in result.skipped:
+        print(f"backup-sidecar: skipped: {why}", file=sys.stderr)
+    if result.failures:
+        failed = result.failures
+        print(f"backup-sidecar: error: {len(failed)} of {len(result.manifests)} backup(s) failed: "
+              + "; ".join(f"{m.id}: {m.error}" for m in failed), file=sys.stderr)
+        return EXIT_FAILED
+    for m in result.manifests:
+        print(f"{m.id} ok {m.size_bytes} bytes sha256:{m.sha256}")
+    return EXIT_OK
 
 
 def _config(settings: Settings) -> int:

@@ -39,6 +39,8 @@ class JobResult:
     slot: str | None = None
     #: set by the runtime when the job as a whole failed before any database (lock file, listing databases)
     error: str | None = None
+    #: what went wrong in PRUNE_AFTER_BACKUP (the backups themselves still count as good)
+    prune_errors: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> list[Manifest]:
@@ -103,23 +105,25 @@ def backup_once(
                 else:
                     result.skip(kind, value)
             if settings.retention.after_backup and any(m.ok for m in result.manifests) and not cancel.cancelled:
-                _prune_after_backup(settings, targets)
+                result.prune_errors = _prune_after_backup(settings, targets)
     except LockBusy as busy:
         result.skip("lock", str(busy))
     return result
 
 
-def _prune_after_backup(settings: Settings, targets: Sequence[Target]) -> None:
-    """PRUNE_AFTER_BACKUP: retention under the same lock; its trouble is logged, the backup stays a success."""
+def _prune_after_backup(settings: Settings, targets: Sequence[Target]) -> list[str]:
+    """PRUNE_AFTER_BACKUP: retention under the same lock; its trouble is logged and returned for notification,
+    the backup stays a success."""
     from app.retention import prune
 
     try:
         plan = prune(settings, targets)
     except SidecarError as exc:
         log.error("prune after backup failed: %s", exc)
-        return
+        return [str(exc)]
     for error in plan.errors:
         log.warning("prune after backup: %s", error)
+    return list(plan.errors)
 
 
 def _units(settings: Settings, databases: Sequence[str] | None, cancel: CancelToken) -> list[_Unit]:

@@ -76,6 +76,7 @@ def explain(exc: BaseException | str, db: DatabaseSettings, dbname: str) -> str:
     """One line for a libpq/pg_dump failure, with the hint an operator needs at 3 a.m."""
     text = str(exc).strip()
     first = next((line.strip() for line in text.splitlines() if line.strip()), text)
+    first = _NOISE.sub("", first).strip() or first  # the server's own words, without libpq's preamble
     where = f"{db.user}@{db.host}:{db.port}/{dbname}"
     low = text.lower()
     if "password authentication failed" in low or "no password supplied" in low:
@@ -99,6 +100,14 @@ def explain(exc: BaseException | str, db: DatabaseSettings, dbname: str) -> str:
     else:
         hint = "see the PostgreSQL server's log for details"
     return f"{where}: {first} (hint: {hint})"
+
+
+#: libpq/pg_dump wrapping around the server's message: "pg_dump: error: connection to server at "h" (1.2.3.4),
+#: port 5432 failed: FATAL:  password authentication failed ..." keeps only the part after FATAL.
+_NOISE = re.compile(
+    r'(?:pg_dump(?:all)?: error: |connection failed: |connection to server (?:at|on) .*?(?:port \d+ )?failed: '
+    r'|(?:FATAL|ERROR):\s+)'
+)
 
 
 def client_version(binary: str = "pg_dump") -> tuple[str, int]:

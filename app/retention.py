@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from app import layout
@@ -25,6 +26,9 @@ from app.catalog import Entry, load_catalog
 from app.logs import mask
 from app.settings import Settings
 from app.targets import Target, TargetError, make_targets
+
+if TYPE_CHECKING:
+    from app.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -331,7 +335,7 @@ def _delete_key(target: Target, key: str, record: str | None, plan: Plan, failin
     return True
 
 
-def prune_command(settings: Settings, dry_run: bool) -> bool:
+def prune_command(settings: Settings, dry_run: bool, notifier: Notifier | None = None) -> bool:
     """`backup-sidecar prune [--dry-run]`: print the plan or the outcome; True unless something failed.
 
     A real prune holds the run lock (a backup or restore in progress is never pruned under it); a dry run
@@ -353,4 +357,6 @@ def prune_command(settings: Settings, dry_run: bool) -> bool:
         print(line)
     for error in plan.errors:
         print(f"backup-sidecar: error: {error}", file=sys.stderr)
+        if notifier is not None:
+            notifier.failure("prune", None, error)
     return plan.ok

@@ -17,6 +17,7 @@ import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import psycopg
 
@@ -38,6 +39,9 @@ from app.restore import (
 )
 from app.settings import Settings
 from app.targets import Target, TargetError, make_targets
+
+if TYPE_CHECKING:
+    from app.notify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +342,19 @@ def _restore_test_for(settings: Settings, entry: Entry, targets: Sequence[Target
     return restore_test(settings, source, m)
 
 
-def verify_command(settings: Settings, ref: str, all_: bool, database: str | None, restore_test: bool) -> bool:
-    """`backup-sidecar verify`: True when every check passed (exit 0), else False (exit 1)."""
+def verify_command(settings: Settings, ref: str, all_: bool, database: str | None, restore_test: bool,
+                   notifier: Notifier | None = None) -> bool:
+    """`backup-sidecar verify`: True when every check passed (exit 0), else False (exit 1); failures notified."""
     report = verify(settings, make_targets(settings), ref, all_=all_, database=database, restore_tests=restore_test)
+    if notifier is not None:
+        for check in report.checks:
+            if not check.ok:
+                kind = "restore_test" if check.where == "restore-test" else "verify"
+                try:
+                    name, backup_id = layout.parse_id(check.backup_id)[0], check.backup_id
+                except ValueError:  # a selection problem ("no backup found"), not a backup of its own
+                    name, backup_id = database, None
+                notifier.failure(kind, name, f"{check.where}: {check.detail}", backup_id=backup_id)
+        if not report.checks:
+            notifier.failure("verify", database, report.summary())
     return report.ok
