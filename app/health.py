@@ -307,10 +307,8 @@ def _run_check(db: DatabaseView) -> Check:
     extra = {"database": db.name}
     if db.last_run_state == "failed":
         error = (m.error or "no error recorded").strip()
-        if "interrupted" in error:
-            # A stop during a backup (a rollout, a restart) is not a broken backup; the age check still
-            # turns critical if nothing succeeds afterwards.
-            return Check("last_run", WARNING, f"{db.name}: the run {m.id} was {error}", extra)
+        # SPEC: a failed last run is CRITICAL, an interrupted one (a stop during a rollout) included; the
+        # message says so, and the next good backup clears it.
         return Check("last_run", CRITICAL, f"{db.name}: {m.id} failed: {error}", extra)
     if db.last_run_state == "broken":
         return Check(

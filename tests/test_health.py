@@ -80,12 +80,13 @@ def test_failed_last_run_is_critical_even_with_a_fresh_backup(nas: Path) -> None
     assert "connection refused" in check(doc, "last_run")["message"]
 
 
-def test_interrupted_last_run_warns_but_is_not_critical(nas: Path) -> None:
+def test_interrupted_last_run_is_critical_and_says_it_was_interrupted(nas: Path) -> None:
     target = nas_target(nas)
     plant(target, "app", age_s=2 * HOUR)
     plant(target, "app", age_s=HOUR, error="pg_dump interrupted: SIGTERM received, the sidecar is stopping")
     doc = monitor_for({"NAS_PATH": str(nas)}).payload()
-    assert (doc["status"], check(doc, "last_run")["status"]) == ("warning", "warning")
+    assert (doc["status"], check(doc, "last_run")["status"]) == ("critical", "critical")
+    assert "interrupted: SIGTERM received" in check(doc, "last_run")["message"]
 
 
 def test_no_backup_yet_is_a_warning(nas: Path) -> None:
