@@ -69,6 +69,11 @@ class _ExactReader:
         return data
 
 
+def _unreadable(path: Path, exc: OSError, what: str = "") -> SidecarError:
+    return SidecarError(f"files: cannot read {what}{path}: {exc.strerror} "
+                        "(hint: give the sidecar's user read access, or exclude it with FILES_EXCLUDE)")
+
+
 class _Archiver:
     def __init__(self, cfg: FilesSettings, q: queue.Queue[object], stop: threading.Event,
                  cancel: CancelToken) -> None:
@@ -101,8 +106,7 @@ class _Archiver:
 
     def _add_tree(self, tar: tarfile.TarFile, root: Path) -> None:
         def fail(exc: OSError) -> None:
-            raise SidecarError(f"files: cannot read directory {exc.filename}: {exc.strerror} "
-                               "(hint: give the sidecar's user read access, or exclude it with FILES_EXCLUDE)")
+            raise _unreadable(Path(exc.filename), exc, "directory ")
 
         self._add(tar, root, root)
         for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
@@ -133,8 +137,7 @@ class _Archiver:
             self._warn(f"{path} vanished before it was read")
             return
         except PermissionError as exc:
-            raise SidecarError(f"files: cannot read {path}: {exc.strerror} (hint: give the sidecar's user read "
-                               "access, or exclude it with FILES_EXCLUDE)") from exc
+            raise _unreadable(path, exc) from exc
         if info is None:
             return  # sockets cannot be archived and need not be
         if not info.isreg():
@@ -146,8 +149,7 @@ class _Archiver:
             self._warn(f"{path} vanished before it was read")
             return
         except PermissionError as exc:
-            raise SidecarError(f"files: cannot read {path}: {exc.strerror} (hint: give the sidecar's user read "
-                               "access, or exclude it with FILES_EXCLUDE)") from exc
+            raise _unreadable(path, exc) from exc
         with f:
             before = os.fstat(f.fileno())
             reader = _ExactReader(f, info.size)

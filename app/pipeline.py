@@ -64,6 +64,20 @@ def pump(chunks: Iterable[bytes], comp: Compressor, uploads: Sequence[Upload],
     return Streamed(raw, size, digest.hexdigest())
 
 
+def stop_process_group(proc: subprocess.Popen[bytes], term_grace_s: float) -> None:
+    """SIGTERM the child's whole process group, SIGKILL it if it is still there after ``term_grace_s``."""
+    for sig, grace in ((signal.SIGTERM, term_grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 class Child:
     """A producer command (pg_dump, pg_dumpall) streamed from stdout, with bounded stderr and a watchdog.
 
@@ -128,16 +142,7 @@ class Child:
             return
         self.killed_for = self.killed_for or why
         log.warning("stopping %s (pid %s): %s", self.name, self.proc.pid, why)
-        for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(grace)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(self.proc, term_grace_s=3.0)
 
     def stderr_text(self) -> str:
         return mask("\n".join(self._stderr))

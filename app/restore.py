@@ -15,7 +15,6 @@ import collections
 import hashlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ from app.errors import SidecarError
 from app.locks import LockBusy, run_lock
 from app.logs import mask
 from app.manifest import Manifest, utc_iso
+from app.pipeline import stop_process_group
 from app.settings import Settings
 from app.targets import Target, make_targets
 
@@ -298,16 +298,7 @@ class Feed(AbstractContextManager["Feed"]):
     def kill(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(grace)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(self.proc, term_grace_s=5.0)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:

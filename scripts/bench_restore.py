@@ -19,7 +19,6 @@ import argparse
 import os
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchlib import s3_server  # noqa: E402  (scripts/ is on sys.path when run as a script)
+from local_pg import start_cluster  # noqa: E402
 
 from app.backup import backup_database  # noqa: E402
 from app.cancel import CancelToken  # noqa: E402
@@ -42,69 +44,19 @@ from app.targets.s3 import S3Target  # noqa: E402
 ROW_BYTES = 8 * 88  # eight base64-encoded SHA-512 digests per row
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port}")
-
-
 @contextmanager
 def postgres() -> Iterator[dict[str, str]]:
     """POSTGRES_* settings of the server to use: the environment's, or a throwaway cluster's."""
     if os.environ.get("POSTGRES_HOST"):
         yield {k: v for k, v in os.environ.items() if k.startswith("POSTGRES_")}
         return
-    bindir = next((Path(f"/usr/lib/postgresql/{v}/bin") for v in range(18, 12, -1)
-                   if Path(f"/usr/lib/postgresql/{v}/bin/initdb").exists()), None)
-    if bindir is None:
-        raise SystemExit("no PostgreSQL server binaries; set POSTGRES_HOST/PORT/USER/PASSWORD instead")
-    root = Path(tempfile.mkdtemp(prefix="bench-pg-"))
-    password = secrets.token_hex(12)
-    (root / "pw").write_text(password + "\n")
-    (root / "sock").mkdir()
-    as_pg: list[str] = []
-    if os.geteuid() == 0:
-        for p in (root, root / "sock", root / "pw"):
-            shutil.chown(p, "postgres")
-        as_pg = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    subprocess.run([*as_pg, str(bindir / "initdb"), "-D", str(root / "data"), "-U", "postgres", "--auth-local=peer",
-                    "--auth-host=scram-sha-256", f"--pwfile={root / 'pw'}", "-E", "UTF8"], check=True,
-                   capture_output=True)
-    subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w", "-o",
-                    f"-p {port} -k {root / 'sock'} -c listen_addresses=127.0.0.1 -c fsync=off "
-                    "-c full_page_writes=off -c synchronous_commit=off -c max_wal_size=4GB", "start"],
-                   check=True, capture_output=True)
+    cluster = start_cluster(secrets.token_hex(12), settings="-c fsync=off -c full_page_writes=off "
+                            "-c synchronous_commit=off -c max_wal_size=4GB")
     try:
-        yield {"POSTGRES_HOST": "127.0.0.1", "POSTGRES_PORT": str(port), "POSTGRES_USER": "postgres",
-               "POSTGRES_PASSWORD": password}
+        yield {"POSTGRES_HOST": cluster.host, "POSTGRES_PORT": str(cluster.port), "POSTGRES_USER": cluster.user,
+               "POSTGRES_PASSWORD": cluster.password}
     finally:
-        subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "stop"],
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-@contextmanager
-def s3_server() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        cluster.stop()
 
 
 def psql(env: dict[str, str], dbname: str, sql: str) -> str:
@@ -142,7 +94,8 @@ def main() -> int:
             raise SystemExit(f"{tool} is not installed")
     work = Path(tempfile.mkdtemp(prefix="bench-restore-"))
     try:
-        with postgres() as pg, s3_server() as endpoint:
+        with postgres() as pg, s3_server() as s3_process:
+            endpoint = s3_process.endpoint
             env = libpq_env(pg)
             settings: Settings = load_settings({
                 **pg, "POSTGRES_DB": "bench_src", "S3_ENDPOINT": f"http://{endpoint}", "S3_BUCKET": "bench",

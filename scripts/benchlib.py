@@ -5,7 +5,6 @@ an S3 server process, peak-RSS sampling and table printing. Benchmarks print tab
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from local_pg import Cluster, free_port, start_cluster  # noqa: E402
+from local_pg import Cluster, free_port, start_cluster, wait_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_ROOT = Path(os.environ.get("BENCH_ROOT", "/tmp/backup-sidecar-bench"))
@@ -91,12 +90,7 @@ def s3_server() -> Iterator[S3Process]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
+    wait_port(port)
     try:
         yield S3Process(f"127.0.0.1:{port}")
     finally:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ from minio import Minio
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
-from local_pg import free_port, start_cluster  # noqa: E402  (scripts/ is not a package)
+from local_pg import free_port, start_cluster, wait_port  # noqa: E402  (scripts/ is not a package)
 
 __all__ = ["free_port", "start_cluster"]
 #: A password that must never appear anywhere but in PGPASSWORD of a child's environment.
@@ -118,16 +116,6 @@ class S3Server:
         return sorted(o.object_name for o in self.client.list_objects(bucket, recursive=True))
 
 
-def _wait_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
-
-
 @pytest.fixture(scope="session")
 def s3() -> Iterator[S3Server]:
     """MinIO through testcontainers when Docker answers, else moto's S3 server in its own process."""
@@ -144,7 +132,7 @@ def s3() -> Iterator[S3Server]:
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(port)
+        wait_port(port)
         endpoint = f"127.0.0.1:{port}"
         key, secret = "test-access-key", "test-secret-" + secrets.token_hex(6)
         server = S3Server(endpoint, key, secret, Minio(endpoint, key, secret, secure=False, region="us-east-1"),
