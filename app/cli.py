@@ -91,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     register_secrets(settings.secrets())
     setup_logging(settings.log_level, settings.log_format)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     cancel = CancelToken()
     if args.command != "run":  # `run` installs its own handlers around the scheduler loop
         for sig in (signal.SIGTERM, signal.SIGINT):

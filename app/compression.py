@@ -26,6 +26,9 @@ class _Identity:
         return b""
 
 
+ZSTD_JOB_SIZE = 4 * 1024 * 1024
+
+
 class CorruptArchive(ValueError):
     """The compressed stream is damaged or ends early."""
 
@@ -33,9 +36,12 @@ class CorruptArchive(ValueError):
 def compressor(kind: str, level: int) -> Compressor:
     if kind == "zstd":
         # Two worker threads: compression overlaps with reading pg_dump and hashing (about 2x on random-ish
-        # data), without taking every core of a host the application shares.
-        threads = min(2, os.cpu_count() or 1)
-        return zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True).compressobj()
+        # data) without taking every core of a host the application shares. 4 MiB jobs keep what the workers
+        # buffer to a few MiB; zstd's default job size for multi-threading costs ~100 MB of RSS.
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, threads=min(2, os.cpu_count() or 1), job_size=ZSTD_JOB_SIZE, write_checksum=True
+        )
+        return zstandard.ZstdCompressor(compression_params=params).compressobj()
     if kind == "gzip":
         return zlib.compressobj(level, zlib.DEFLATED, 31)
     if kind == "none":

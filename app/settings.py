@@ -33,6 +33,28 @@ SECRET_VARS = (
     "PING_URL",
 )
 
+#: Every setting the sidecar reads (tests keep this, the code, README and .env.example in step).
+KNOWN_SETTINGS = frozenset({
+    "BACKUP_DATABASE_URL", "DATABASE_URL", "POSTGRES_HOST", "POSTGRES_PORT", "POSTGRES_DB", "POSTGRES_DB_EXCLUDE",
+    "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_CONNECT_TIMEOUT", "PGDUMP_EXTRA_OPTS",
+    "BACKUP_FORMAT", "BACKUP_COMPRESSION", "BACKUP_COMPRESSION_LEVEL", "BACKUP_TIMEOUT", "BACKUP_CONCURRENCY",
+    "BACKUP_GLOBALS", "BACKUP_GLOBALS_PASSWORDS", "FILES_PATHS", "FILES_EXCLUDE", "FILES_NAME",
+    "BACKUP_SCHEDULE", "TZ", "BACKUP_ON_START",
+    "S3_ENDPOINT", "S3_BUCKET", "S3_PREFIX", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY", "S3_REGION", "S3_SECURE",
+    "S3_PART_SIZE", "NAS_PATH", "LOCK_FILE", "LOCK_TIMEOUT",
+    "BACKUP_KEEP_DAILY", "BACKUP_KEEP_WEEKLY", "BACKUP_KEEP_MONTHLY", "BACKUP_KEEP_MIN", "PRUNE_AFTER_BACKUP",
+    "HEALTH_PORT", "HEALTH_BIND", "HEALTH_WARN_AGE", "HEALTH_CRIT_AGE", "HEALTH_URL",
+    "NOTIFY_ON", "SMTP_HOST", "SMTP_PORT", "SMTP_USER", "SMTP_PASSWORD", "SMTP_STARTTLS", "SMTP_SSL", "MAIL_FROM",
+    "MAIL_TO", "WEBHOOK_URL", "PING_URL", "NOTIFY_TIMEOUT", "NOTIFY_RETRIES", "REPORT_SCHEDULE",
+    "LOG_LEVEL", "LOG_FORMAT", "BACKUP_HOSTNAME", "ENV_FILE",
+}) | {f"{name}_FILE" for name in SECRET_VARS}
+
+#: Prefixes of the sidecar's own settings: an unknown name with one of them is most likely a typo.
+_OWN_PREFIXES = ("BACKUP_", "PGDUMP_", "S3_", "NAS_", "LOCK_", "HEALTH_", "NOTIFY_", "SMTP_", "MAIL_", "WEBHOOK_",
+                 "PING_", "FILES_", "REPORT_", "LOG_", "POSTGRES_")
+#: Variables of the official postgres image, often in the same .env: not typos.
+_POSTGRES_IMAGE_VARS = frozenset({"POSTGRES_INITDB_ARGS", "POSTGRES_INITDB_WALDIR", "POSTGRES_HOST_AUTH_METHOD"})
+
 #: Connection keywords of a database URL and the libpq variables that carry them to pg_dump.
 _CONNINFO_ENV = {
     "host": "PGHOST",
@@ -178,6 +200,8 @@ class Settings:
     log_level: str
     log_format: str
     hostname: str
+    #: one line per variable that looks like a setting but is not one (typos): logged at start, never fatal
+    warnings: tuple[str, ...] = ()
 
     def secrets(self) -> list[str]:
         """Every secret value in force, for masking; longest first so overlapping values mask fully."""
@@ -338,7 +362,21 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None
     return Settings(
         db=db, dump=dump, schedule=schedule, s3=s3, nas=nas, files=files, lock=lock, retention=retention,
         health=health, notify=notify, log_level=log_level, log_format=log_format, hostname=hostname,
+        warnings=tuple(_unknown_settings(env)),
     )
+
+
+def _unknown_settings(env: Mapping[str, str]) -> list[str]:
+    """Names that look like ours but are not settings, with the closest real one: a typo is ignored loudly."""
+    import difflib
+
+    out = []
+    for name in sorted(env):
+        if name.startswith(_OWN_PREFIXES) and name not in KNOWN_SETTINGS and name not in _POSTGRES_IMAGE_VARS:
+            close = difflib.get_close_matches(name, KNOWN_SETTINGS, n=1)
+            hint = f"did you mean {close[0]}?" if close else "see .env.example for every setting"
+            out.append(f"{name} is not a setting backup-sidecar knows and is ignored (hint: {hint})")
+    return out
 
 
 def _database(r: _Reader) -> DatabaseSettings:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import REPO
 
-from app.settings import SECRET_VARS, load_settings
+from app.settings import KNOWN_SETTINGS, SECRET_VARS, load_settings
 
 #: Variables the code reads that are not settings of the sidecar (they belong to the OS or to libpq).
 NOT_SETTINGS = {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TMPDIR", "PGSSLMODE", "PGSSLROOTCERT",
@@ -67,3 +67,17 @@ def test_every_secret_is_marked_secret_in_env_example() -> None:
     for name in SECRET_VARS:
         [i] = [i for i, line in enumerate(lines) if line.startswith(f"{name}=")]
         assert "secret" in lines[i - 1], name
+
+
+def test_known_settings_list_matches_what_the_code_reads() -> None:
+    known = KNOWN_SETTINGS - {f"{name}_FILE" for name in SECRET_VARS}
+    assert known == settings_read_by_code()
+
+
+def test_a_typo_in_a_setting_name_is_reported_with_the_likely_name(tmp_path: Path) -> None:
+    settings = load_settings({"NAS_PATH": str(tmp_path), "POSTGRES_HOSTT": "db", "BACKUP_SCHEDUEL": "04:00",
+                              "POSTGRES_INITDB_ARGS": "--data-checksums", "UNRELATED_VAR": "x"})
+    assert settings.warnings == (
+        "BACKUP_SCHEDUEL is not a setting backup-sidecar knows and is ignored (hint: did you mean BACKUP_SCHEDULE?)",
+        "POSTGRES_HOSTT is not a setting backup-sidecar knows and is ignored (hint: did you mean POSTGRES_HOST?)",
+    )
