@@ -73,8 +73,9 @@ class _S3Upload(Upload):
         self.object_name = target.object_name(key)
         self.upload_id: str | None = None
         self.parts: list[Part] = []
-        self.chunks: list[bytes] = []
-        self.buffered = 0
+        #: the part being filled, allocated at its full size once: no joins, no copies, no growth
+        self.buf = bytearray()
+        self.fill = 0
         self.pending: Future[str] | None = None
         self.pool: ThreadPoolExecutor | None = None
         self.done = False
@@ -83,10 +84,16 @@ class _S3Upload(Upload):
         return part_size_for(len(self.parts) + (1 if self.pending else 0) + 1, self.t.settings.part_size)
 
     def write(self, data: bytes) -> None:
-        self.chunks.append(data)
-        self.buffered += len(data)
-        if self.buffered >= self._next_size():
-            self._flush_part()
+        view = memoryview(data)
+        while view:
+            if not self.buf:
+                self.buf, self.fill = bytearray(self._next_size()), 0
+            n = min(len(view), len(self.buf) - self.fill)
+            self.buf[self.fill : self.fill + n] = view[:n]
+            self.fill += n
+            view = view[n:]
+            if self.fill == len(self.buf):
+                self._flush_part()
 
     def _wait_pending(self) -> None:
         if self.pending is not None:
@@ -98,10 +105,14 @@ class _S3Upload(Upload):
                     f"S3: {self.key} reached the 10,000-part limit (hint: set a larger S3_PART_SIZE)"
                 )
 
+    def _take_buffer(self) -> bytearray:
+        data = self.buf if self.fill == len(self.buf) else self.buf[: self.fill]
+        self.buf, self.fill = bytearray(), 0
+        return data
+
     def _flush_part(self) -> None:
         self._wait_pending()  # one part in flight at most: memory stays near 2 x part size
-        data = b"".join(self.chunks)
-        self.chunks, self.buffered = [], 0
+        data = self._take_buffer()
         if self.upload_id is None:
             self.upload_id = self.t.call(
                 self.t.client._create_multipart_upload,
@@ -120,7 +131,7 @@ class _S3Upload(Upload):
     def commit(self) -> None:
         try:
             if self.upload_id is None:
-                data = b"".join(self.chunks)
+                data = bytes(self._take_buffer())
                 self.t.call(
                     self.t.client.put_object,
                     self.t.settings.bucket,
@@ -130,7 +141,7 @@ class _S3Upload(Upload):
                     action=f"upload {self.key}",
                 )
             else:
-                if self.buffered:
+                if self.fill:
                     self._flush_part()
                 self._wait_pending()
                 self.t.call(
@@ -152,7 +163,7 @@ class _S3Upload(Upload):
         if self.done:
             return
         self.done = True
-        self.chunks = []
+        self.buf, self.fill = bytearray(), 0
         if self.pending is not None:
             self.pending.cancel()
             try:
