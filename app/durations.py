@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from healthcheck.check import format_age
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -33,18 +35,12 @@ def parse_size(text: str) -> int:
 
 
 def format_duration(seconds: float) -> str:
-    """Short human form used in logs and health lines: ``2d3h``, ``3h12m``, ``45s``."""
-    s = int(max(seconds, 0))
-    days, s = divmod(s, 86400)
-    hours, s = divmod(s, 3600)
-    minutes, s = divmod(s, 60)
-    if days:
-        return f"{days}d{hours}h"
-    if hours:
-        return f"{hours}h{minutes}m"
-    if minutes:
-        return f"{minutes}m{s}s"
-    return f"{s}s"
+    """Short human form used in logs and health lines: ``2d3h``, ``3h12m``, ``45s``.
+
+    The standard-library health checker owns the formatting, so its Nagios line and the sidecar's own
+    messages always write an age the same way.
+    """
+    return format_age(max(seconds, 0))
 
 
 def format_size(n: int | float) -> str:
