@@ -151,14 +151,17 @@ def run_artifact(settings: Settings, targets: Sequence[Target], artifact: Artifa
         for target in targets:
             target.put_bytes(manifest_key, data)
     except BaseException as exc:
-        for upload in uploads:
-            upload.abort()
-        _rollback(committed, manifest.artifact, manifest_key)
+        # Cleanup order: say it, unpublish, record the failure, then the slow part (aborting uploads), so a
+        # stop with little time left (SIGTERM, then SIGKILL) still leaves the failed manifest. No step may
+        # raise: a cleanup error must not hide the failure or skip the steps after it.
         manifest.status, manifest.finished_at = "failed", now_utc()
         manifest.size_bytes, manifest.sha256 = 0, None
         manifest.error = (mask(str(exc)).strip() or exc.__class__.__name__).splitlines()[0]
-        _write_failed_manifest(usable, manifest_key, manifest)
         log.error("backup %s FAILED after %.1fs: %s", manifest.id, time.monotonic() - t0, manifest.error)
+        _rollback(committed, manifest.artifact, manifest_key)
+        _write_failed_manifest(usable, manifest_key, manifest)
+        for target, upload in zip(targets, uploads, strict=False):
+            _quietly(upload.abort, f"abort the upload of {manifest.artifact} on {target.describe()}")
         if isinstance(exc, Exception):
             raise BackupFailed(manifest) from exc
         raise
@@ -167,23 +170,27 @@ def run_artifact(settings: Settings, targets: Sequence[Target], artifact: Artifa
     return manifest
 
 
+def _quietly(action: Callable[[], object], what: str) -> bool:
+    """Run one cleanup step; log its failure instead of raising it. True when it worked."""
+    try:
+        action()
+    except Exception as exc:  # noqa: BLE001 - the run has failed already; this must not mask why
+        log.error("could not %s: %s", what, mask(str(exc)).splitlines()[0] if str(exc) else exc.__class__.__name__)
+        return False
+    return True
+
+
 def _rollback(committed: Sequence[Target], artifact_key: str, manifest_key: str) -> None:
     """Remove what this run already published, so a failed run leaves nothing at the final names."""
     for target in committed:
         for key in (manifest_key, artifact_key):
-            try:
-                target.delete(key)
-            except TargetError as exc:
-                log.error("could not remove %s from %s after a failure: %s", key, target.describe(), exc)
+            _quietly(lambda t=target, k=key: t.delete(k), f"remove {key} from {target.describe()} after a failure")
 
 
 def _write_failed_manifest(targets: Sequence[Target], key: str, manifest: Manifest) -> None:
     data = manifest.to_json()
     for target in targets:
-        try:
-            target.put_bytes(key, data)
-        except TargetError as exc:
-            log.warning("could not write the failed manifest to %s: %s", target.describe(), exc)
+        _quietly(lambda t=target: t.put_bytes(key, data), f"write the failed manifest to {target.describe()}")
 
 
 def backup_database(settings: Settings, targets: Sequence[Target], dbname: str, cancel: CancelToken,

@@ -79,8 +79,12 @@ def load_catalog(targets: Sequence[Target], database: str | None = None) -> Cata
         for key in sorted(k for k in objects if layout.is_manifest_key(k)):
             try:
                 manifest = Manifest.from_json(target.read_bytes(key))
-            except (ManifestError, TargetError) as exc:
-                log.warning("skipping unreadable manifest %s on %s: %s", key, target.describe(), exc)
+            except ManifestError as exc:  # not ours or damaged for good: skipping it must not block prune forever
+                log.warning("skipping unparsable manifest %s on %s: %s", key, target.describe(), exc)
+                continue
+            except TargetError as exc:  # could not read it now: the view is partial, so nothing may be deleted
+                errors.setdefault(target.name, f"cannot read {key}: {exc}")
+                log.warning("cannot read manifest %s on %s: %s", key, target.describe(), exc)
                 continue
             referenced.update((key, manifest.artifact))
             artifact = objects.get(manifest.artifact)
@@ -99,11 +103,5 @@ def load_catalog(targets: Sequence[Target], database: str | None = None) -> Cata
 def _looks_like_artifact(key: str) -> bool:
     """Our naming: ``<name>/YYYY/MM/DD/<name>-<stamp>.<ext>``; anything else under the prefix is foreign."""
     parts = key.split("/")
-    if len(parts) != 5:
-        return False
-    stem = parts[4].split(".", 1)[0]
-    try:
-        name, _ = layout.parse_id(stem)
-    except ValueError:
-        return False
-    return name == parts[0] and parts[4] != stem
+    stem = layout.artifact_stem(parts[-1])
+    return len(parts) == 5 and stem is not None and layout.parse_id(stem)[0] == parts[0]

@@ -94,9 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in settings.warnings:
         log.warning("%s", warning)
     cancel = CancelToken()
-    if args.command != "run":  # `run` installs its own handlers around the scheduler loop
+    if args.command == "backup":  # the pipeline polls the token: pg_dump is stopped, a failed manifest written
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _frame: cancel.cancel(signal.Signals(signum).name))
+    elif args.command != "run":  # `run` installs its own; elsewhere unwind at once, which kills the children
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return _dispatch(args, settings, cancel)
     except SidecarError as exc:
@@ -104,6 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("backup-sidecar: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # a bug or an unforeseen library error: one masked line, the trace in the log
+        log.debug("unexpected failure", exc_info=True)
+        text = mask(str(exc)).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"backup-sidecar: error: unexpected {exc.__class__.__name__}: {text} (hint: rerun with "
+              "LOG_LEVEL=DEBUG for the traceback, and please report it)", file=sys.stderr)
         return EXIT_FAILED
 
 
@@ -173,8 +181,8 @@ def _backup(settings: Settings, args: argparse.Namespace, cancel: CancelToken) -
     notifier.run_started(dbs or settings.db.databases)
     try:
         result = backup_once(settings, dbs, force=args.force, cancel=cancel)
-    except SidecarError as exc:
-        notifier.failure("backup", None, str(exc))
+    except Exception as exc:
+        notifier.failure("backup", None, str(exc) or exc.__class__.__name__)
         notifier.run_finished(False)
         notifier.close()
         raise
@@ -186,6 +194,9 @@ def _backup(settings: Settings, args: argparse.Namespace, cancel: CancelToken) -
         failed = result.failures
         print(f"backup-sidecar: error: {len(failed)} of {len(result.manifests)} backup(s) failed: "
               + "; ".join(f"{m.id}: {m.error}" for m in failed), file=sys.stderr)
+    if result.error:
+        print(f"backup-sidecar: error: {result.error}", file=sys.stderr)
+    if result.failures or result.error:
         return EXIT_FAILED
     for m in result.manifests:
         print(f"{m.id} ok {m.size_bytes} bytes sha256:{m.sha256}")

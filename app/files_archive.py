@@ -14,6 +14,7 @@ import os
 import queue
 import tarfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,9 @@ from typing import BinaryIO
 
 from app.backup import Artifact
 from app.cancel import Cancelled, CancelToken
+from app.durations import format_duration
 from app.errors import SidecarError
+from app.pipeline import ChildFailed
 from app.settings import FilesSettings
 
 log = logging.getLogger(__name__)
@@ -165,7 +168,7 @@ class _Archiver:
             self._warn(f"{path} changed while it was read")
 
 
-def files_artifact(cfg: FilesSettings, cancel: CancelToken) -> Artifact:
+def files_artifact(cfg: FilesSettings, cancel: CancelToken, timeout_s: float) -> Artifact:
     """The Artifact for a tar of FILES_PATHS (minus FILES_EXCLUDE), streamed through a bounded queue."""
 
     def preflight() -> dict[str, str | None]:
@@ -185,12 +188,27 @@ def files_artifact(cfg: FilesSettings, cancel: CancelToken) -> Artifact:
         thread = threading.Thread(target=archiver.run, name="files-tar", daemon=True)
         thread.start()
 
+        deadline = time.monotonic() + timeout_s
+
         def chunks() -> Iterator[bytes]:
-            while (item := q.get()) is not _END:
+            while True:
+                try:
+                    item = q.get(timeout=0.5)
+                except queue.Empty:  # a read can hang on a dead mount: the archiver thread is then abandoned
+                    if cancel.cancelled:
+                        raise Cancelled(f"interrupted: {cancel.reason}") from None
+                    if time.monotonic() > deadline:
+                        raise ChildFailed(
+                            f"files: the archive timed out after {format_duration(timeout_s)} (hint: a file under "
+                            "FILES_PATHS may sit on a hung mount; raise BACKUP_TIMEOUT if the tree is just large)"
+                        ) from None
+                    continue
+                if item is _END:
+                    return
                 yield item  # type: ignore[misc]
 
         def finish() -> list[str]:
-            thread.join()
+            thread.join(timeout=5)
             if archiver.error is not None:
                 raise archiver.error
             return archiver.warnings
@@ -199,11 +217,13 @@ def files_artifact(cfg: FilesSettings, cancel: CancelToken) -> Artifact:
             yield chunks(), finish
         finally:
             stop.set()
-            while thread.is_alive():  # unblock a writer waiting on a full queue
+            give_up = time.monotonic() + 5
+            while thread.is_alive() and time.monotonic() < give_up:  # unblock a writer waiting on a full queue
                 try:
                     q.get(timeout=0.1)
                 except queue.Empty:
                     pass
-            thread.join()
+            if thread.is_alive():
+                log.error("files: the archiver thread is stuck in a read; it is left behind (a daemon thread)")
 
     return Artifact(cfg.name, "files", "tar", open_source, preflight)

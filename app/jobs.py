@@ -22,6 +22,7 @@ from app.errors import SidecarError
 from app.files_archive import files_artifact
 from app.globals_dump import globals_artifact
 from app.locks import LockBusy, run_lock
+from app.logs import mask
 from app.manifest import Manifest
 from app.settings import Settings
 from app.targets import make_targets
@@ -96,6 +97,9 @@ def backup_once(
             else:
                 with ThreadPoolExecutor(workers, thread_name_prefix="backup") as pool:
                     list(pool.map(one, range(len(units))))
+            never = [u.name for u, o in zip(units, outcomes, strict=True) if o is None]
+            if never:  # stopped (SIGTERM) before their turn: a job that did not do its work is not ok
+                result.error = f"interrupted before {', '.join(never)} could be backed up: {cancel.reason}"
             for outcome in outcomes:  # in configuration order, whatever order they finished in
                 if outcome is None:
                     continue
@@ -136,7 +140,10 @@ def _units(settings: Settings, databases: Sequence[str] | None, cancel: CancelTo
         units.append(_Unit("_globals", home, lambda: globals_artifact(settings, cancel)))
     if settings.files is not None:
         files = settings.files
-        units.append(_Unit(files.name, home, lambda: files_artifact(files, cancel)))
+        if files.name in names:  # POSTGRES_DB=* found a database of that name: settings could not know
+            raise SidecarError(f"FILES_NAME={files.name!r} is also the name of a database on the server "
+                               "(hint: give the files archive a name of its own, e.g. FILES_NAME=app_files)")
+        units.append(_Unit(files.name, home, lambda: files_artifact(files, cancel, settings.dump.timeout_s)))
     return units
 
 
@@ -151,4 +158,11 @@ def _back_up(
         return taken.kind, str(taken)
     except BackupFailed as exc:
         manifest = exc.manifest
+    except Exception as exc:  # before run_artifact wrote anything (claim, ID choice): still this unit's failure
+        log.exception("backup of %s failed before it started", unit.name)
+        now = datetime.now(UTC).replace(microsecond=0)
+        error = (mask(str(exc)).strip() or exc.__class__.__name__).splitlines()[0]
+        manifest = Manifest(id=f"{unit.name}-not-started", status="failed", database=unit.name, started_at=now,
+                            finished_at=now, host=settings.hostname, format="", compression="", artifact="",
+                            error=error, slot=slot)
     return manifest.status, manifest

@@ -60,3 +60,15 @@ def parse_id(backup_id_: str) -> tuple[str, datetime]:
 
 def is_manifest_key(key: str) -> bool:
     return key.endswith(MANIFEST_SUFFIX) and _ID.match(key.rsplit("/", 1)[-1][: -len(MANIFEST_SUFFIX)]) is not None
+
+
+ARTIFACT_EXTS = tuple(sorted({artifact_ext(f, c) for f in _KIND_EXT for c in _COMPRESSION_EXT}, key=len, reverse=True))
+
+
+def artifact_stem(filename: str) -> str | None:
+    """The ID in ``<ID>.<one of our artifact extensions>``, or None; database names may contain dots."""
+    for ext in ARTIFACT_EXTS:
+        if filename.endswith(f".{ext}"):
+            stem = filename[: -len(ext) - 1]
+            return stem if _ID.match(stem) else None
+    return None

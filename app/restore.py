@@ -329,8 +329,10 @@ def consumer_argv(fmt: str, dbname: str, clean: bool) -> list[str]:
         argv = ["pg_restore", "--no-password", "--single-transaction", "--exit-on-error", target]
         return argv + (["--clean", "--if-exists"] if clean else [])
     if fmt == "plain":
-        return ["psql", "--no-psqlrc", "--quiet", "--no-password", "--set=ON_ERROR_STOP=1", "--single-transaction",
-                "--file=-", target]
+        # No --single-transaction: psql would COMMIT at end of input, even an input cut short because the
+        # sidecar was killed. stream_into_database sends BEGIN first and COMMIT only after the checksum matched,
+        # so EOF without COMMIT always rolls back.
+        return ["psql", "--no-psqlrc", "--quiet", "--no-password", "--set=ON_ERROR_STOP=1", "--file=-", target]
     raise RestoreFailed(f"cannot restore a {fmt!r} archive into a database (hint: it is not a pg_dump backup)")
 
 
@@ -343,11 +345,16 @@ def stream_into_database(settings: Settings, target: Target, manifest: Manifest,
     argv = consumer_argv(manifest.format, dbname, clean)
     hint = ("the restore was rolled back; the line above is PostgreSQL's reason (missing roles or extensions on "
             "this server, or max_locks_per_transaction too low for one transaction, are the usual ones)")
+    plain = manifest.format == "plain"
     with Feed(argv, pg.child_env(settings.db), hint) as feed:
-        if clean and manifest.format == "plain":
+        if plain:
+            feed.write(b"BEGIN;\n")
+        if clean and plain:
             feed.write(PLAIN_CLEAN_SQL.encode())
         for chunk in archive_chunks(target, manifest, progress):
             feed.write(chunk)
+        if plain:
+            feed.write(b"\nCOMMIT;\n")
         return feed.finish()
 
 

@@ -279,9 +279,7 @@ def prune(settings: Settings, targets: Sequence[Target], dry_run: bool = False,
 
 def _artifact_name(key: str) -> str | None:
     """The backup ID of ``key`` if its file name is exactly ``<ID>.<one of our extensions>``."""
-    name = key.rsplit("/", 1)[-1]
-    stem, _, ext = name.partition(".")
-    return stem if ext in _ARTIFACT_EXTS else None
+    return layout.artifact_stem(key.rsplit("/", 1)[-1])
 
 
 def _judge_stray(target: Target, key: str, modified: datetime, targets: Sequence[Target], now: datetime) -> Stray:

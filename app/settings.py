@@ -329,6 +329,12 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None
         nas_path = "./backups"
     nas = NasSettings(Path(nas_path).absolute(), create_missing=defaulted) if nas_path else None
     files = _files(r)
+    if files is not None and (files.name in db.databases or files.name == "_globals"
+                              or "/" in files.name or files.name.startswith(".")):
+        r.problems.append(
+            f"FILES_NAME={files.name!r} clashes with a database name, _globals, or the layout "
+            "(hint: the files archive needs a name of its own, e.g. FILES_NAME=files)"
+        )
     default_lock = Path(env.get("TMPDIR") or "/tmp") / "backup-sidecar.lock"
     lock = LockSettings(
         path=Path(r.str("LOCK_FILE") or str(default_lock)).absolute(),

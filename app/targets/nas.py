@@ -8,6 +8,7 @@ complete file or nothing at the final name.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import uuid
@@ -18,6 +19,7 @@ from typing import BinaryIO
 
 from app.targets.base import ObjectInfo, Target, TargetError, Upload
 
+log = logging.getLogger(__name__)
 PARTIAL_MARK = ".partial-"
 WRITEBACK_STEP = 16 * 1024 * 1024
 
@@ -115,6 +117,8 @@ class _NasUpload(Upload):
             self.partial.unlink()
         except FileNotFoundError:
             pass
+        except OSError as exc:  # read-only remount, stale NFS handle: prune removes the partial later
+            log.error("NAS: cannot remove the partial file %s: %s", self.partial, exc.strerror or exc)
 
 
 class NasTarget(Target):
@@ -177,8 +181,11 @@ class NasTarget(Target):
         base = self.root / prefix if prefix else self.root
         if not base.exists():
             return
+        def unreadable(exc: OSError) -> None:
+            raise exc  # an unreadable directory must fail the listing, not hide the backups inside it
+
         try:
-            for dirpath, dirnames, filenames in os.walk(base):
+            for dirpath, dirnames, filenames in os.walk(base, onerror=unreadable):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for filename in sorted(filenames):
                     if filename.startswith(".") or PARTIAL_MARK in filename:

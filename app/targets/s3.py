@@ -18,7 +18,7 @@ from typing import BinaryIO
 import urllib3
 from minio import Minio
 from minio.datatypes import Part
-from minio.error import S3Error
+from minio.error import MinioException, S3Error
 
 from app.settings import S3Settings
 from app.targets.base import ObjectInfo, Target, TargetError, Upload
@@ -165,11 +165,7 @@ class _S3Upload(Upload):
         self.done = True
         self.buf, self.fill = bytearray(), 0
         if self.pending is not None:
-            self.pending.cancel()
-            try:
-                self.pending.result(timeout=120)
-            except Exception:  # noqa: S110 - the part is being thrown away anyway
-                pass
+            self.pending.cancel()  # a part already on the wire finishes in the background and is discarded
             self.pending = None
         self._shutdown()
         if self.upload_id is not None:
@@ -229,7 +225,7 @@ class S3Target(Target):
         """Run an SDK call and turn its failures into one-line TargetErrors with hints."""
         try:
             return fn(*args, **kwargs)
-        except (S3Error, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+        except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
             raise self._translate(exc, action) from exc
 
     def _translate(self, exc: Exception, action: str) -> TargetError:
@@ -278,7 +274,7 @@ class S3Target(Target):
             if exc.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
                 return None
             raise self._translate(exc, f"stat {key}") from exc
-        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+        except (MinioException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
             raise self._translate(exc, f"stat {key}") from exc
         return ObjectInfo(key, int(st.size or 0), st.last_modified or datetime.now(UTC))
 
