@@ -151,17 +151,22 @@ def run_artifact(settings: Settings, targets: Sequence[Target], artifact: Artifa
         for target in targets:
             target.put_bytes(manifest_key, data)
     except BaseException as exc:
-        # Cleanup order: say it, unpublish, record the failure, then the slow part (aborting uploads), so a
-        # stop with little time left (SIGTERM, then SIGKILL) still leaves the failed manifest. No step may
-        # raise: a cleanup error must not hide the failure or skip the steps after it.
+        # Cleanup: say it, unpublish, then target by target (NAS first: local and fast) abort the upload,
+        # which frees the space a full disk needs, and record the failure, so a stop with little time left
+        # still leaves failed manifests where it can. No step may raise: a cleanup error must not hide the
+        # failure or skip the steps after it.
         manifest.status, manifest.finished_at = "failed", now_utc()
         manifest.size_bytes, manifest.sha256 = 0, None
         manifest.error = (mask(str(exc)).strip() or exc.__class__.__name__).splitlines()[0]
         log.error("backup %s FAILED after %.1fs: %s", manifest.id, time.monotonic() - t0, manifest.error)
         _rollback(committed, manifest.artifact, manifest_key)
-        _write_failed_manifest(usable, manifest_key, manifest)
-        for target, upload in zip(targets, uploads, strict=False):
-            _quietly(upload.abort, f"abort the upload of {manifest.artifact} on {target.describe()}")
+        data = manifest.to_json()
+        for i, target in enumerate(targets):
+            if i < len(uploads):
+                _quietly(uploads[i].abort, f"abort the upload of {manifest.artifact} on {target.describe()}")
+            if target in usable:
+                _quietly(lambda t=target: t.put_bytes(manifest_key, data),
+                         f"write the failed manifest to {target.describe()}")
         if isinstance(exc, Exception):
             raise BackupFailed(manifest) from exc
         raise
@@ -187,10 +192,6 @@ def _rollback(committed: Sequence[Target], artifact_key: str, manifest_key: str)
             _quietly(lambda t=target, k=key: t.delete(k), f"remove {key} from {target.describe()} after a failure")
 
 
-def _write_failed_manifest(targets: Sequence[Target], key: str, manifest: Manifest) -> None:
-    data = manifest.to_json()
-    for target in targets:
-        _quietly(lambda t=target: t.put_bytes(key, data), f"write the failed manifest to {target.describe()}")
 
 
 def backup_database(settings: Settings, targets: Sequence[Target], dbname: str, cancel: CancelToken,
