@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 #: How old a failed manifest, an artifact without a manifest, or an incomplete upload must be before it goes.
 GRACE = timedelta(days=1)
 
-_ARTIFACT_EXTS = {layout.artifact_ext(f, c) for f in ("custom", "plain", "tar") for c in ("zstd", "gzip", "none")}
-
 
 @dataclass(frozen=True)
 class Policy:
@@ -226,7 +224,7 @@ def _safe_artifact_key(entry: Entry, manifest_key: str) -> str | None:
     else (hand-edited, foreign) never makes prune delete that object."""
     key = entry.manifest.artifact
     directory = manifest_key.rsplit("/", 1)[0]
-    for ext in _ARTIFACT_EXTS:
+    for ext in layout.ARTIFACT_EXTS:
         if key == f"{directory}/{entry.id}.{ext}":
             return key
     return None
