@@ -4,4 +4,13 @@ from __future__ import annotations
 
 
 class SidecarError(Exception):
-    """An operation failed; str() is one line that says what failed and carries a hint."""
+    """An operation failed. ``message`` says what failed; ``hint`` says what to do, as data, so that a
+    notification, /health or a table can show it apart; str() is the one line the CLI prints."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} (hint: {self.hint})" if self.hint else self.message

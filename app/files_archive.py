@@ -24,7 +24,7 @@ from app.backup import Artifact
 from app.cancel import Cancelled, CancelToken
 from app.durations import format_duration
 from app.errors import SidecarError
-from app.pipeline import ChildFailed
+from app.proc import ChildFailed
 from app.settings import FilesSettings
 
 log = logging.getLogger(__name__)

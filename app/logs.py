@@ -12,6 +12,7 @@ import logging
 import re
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I)
@@ -64,6 +65,39 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False)
 
 
+class _RetrySummary(logging.Filter):
+    """urllib3 logs a WARNING per retry, so one unreachable S3 endpoint printed six lines before the error.
+
+    The first retry to a host says what failed and that the request is being retried; further retries to
+    that host within ``window_s`` only reach a DEBUG log. The final error (the target's own message, which
+    says "Max retries exceeded") follows as usual.
+    """
+
+    window_s = 60.0
+    _CONNECTION_OBJECT = re.compile(r"<[^>]*>:\s*")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Retrying (") or not isinstance(record.args, tuple) or len(record.args) < 3:
+            return True
+        _retries, error, url = record.args[:3]
+        host = getattr(record, "__urllib3-retry-warning", {}).get("host") or str(url)
+        now = time.monotonic()
+        if now - self._last.get(host, -self.window_s) < self.window_s:
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        self._last[host] = now
+        reason = self._CONNECTION_OBJECT.sub("", str(error)) or error.__class__.__name__
+        record.msg = "request to %s failed (%s); retrying (retries to it in the next %.0fs are logged at DEBUG)"
+        record.args = (host, reason, self.window_s)
+        return True
+
+
+_retry_summary = _RetrySummary()
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Log to stderr (12-factor: the container runtime collects it), masked, text or JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
@@ -79,3 +113,6 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level)
     for noisy in ("urllib3", "waitress", "werkzeug", "schedule"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    pool_log = logging.getLogger("urllib3.connectionpool")
+    if _retry_summary not in pool_log.filters:
+        pool_log.addFilter(_retry_summary)

@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 SCHEMA_VERSION = 1
+#: How an output-sanity warning starts in ``warnings`` (a dump far smaller than the previous one, no tables)
+SANITY_PREFIX = "output sanity: "
 
 
 class ManifestError(ValueError):
@@ -38,7 +41,7 @@ class Manifest:
     format: str  # custom | plain | tar
     compression: str
     artifact: str
-    kind: str = "database"  # database | globals | files
+    kind: str = "database"  # database | globals | files | base | wal
     size_bytes: int = 0
     sha256: str | None = None
     pg_dump_version: str | None = None
@@ -46,11 +49,52 @@ class Manifest:
     error: str | None = None
     slot: str | None = None
     warnings: list[str] = field(default_factory=list)
+    #: what the database held at dump time (app/contents.py): per-table rows, rows_exact, object counts
+    contents: dict[str, Any] | None = None
+    #: the database's own properties (app/dbadmin.py DatabaseProperties), recreated by restore --create
+    database_properties: dict[str, Any] | None = None
+    #: which cluster the source was (app/identity.py): pg_control_system()'s identifier, the database's OID,
+    #: and host:port as the sidecar reached it (the fallback where the identifier is not readable)
+    system_identifier: str | None = None
+    database_oid: int | None = None
+    source: str | None = None
+    #: bytes the producer wrote before compression (sizes of two dumps compare whatever their compression)
+    raw_bytes: int | None = None
+    #: postgresql | mariadb | sqlite (None in manifests written before other engines existed: postgresql)
+    engine: str | None = None
+    #: the dump client (mariadb-dump's --version line) or library (SQLite) of engines other than PostgreSQL
+    client_version: str | None = None
+    #: where the source stood: MariaDB's binlog file/position and GTID; SQLite's journal mode and snapshot time
+    position: dict[str, Any] | None = None
+    #: base backups and WAL files (kind base | wal): timeline, start_lsn, stop_lsn, wal_segment_size, raw_sha256,
+    #: system_identifier, ... (app/basebackup.py, app/walship.py)
+    physical: dict[str, Any] | None = None
+    #: the target this manifest file describes (each target holds a manifest for its own copy)
+    target: str | None = None
+    #: what a stat of this target's artifact must show (ObjectInfo.checksum): ``sha256:<hex>``, ``etag:<etag>``
+    stored_checksum: str | None = None
+    #: where a catch-up copied this copy from (``sync``), e.g. ``nas``
+    synced_from: str | None = None
+    #: client-side encryption of the artifact (app/encryption.py): ``{"scheme": "age", "recipients":
+    #: [fingerprints]}``; size and SHA-256 are then of the ciphertext
+    encryption: dict[str, Any] | None = None
+    #: with encryption: the sensitive fields (table names and row counts of ``contents``, and
+    #: ``database_properties``) as an age-armored JSON object, opened with AGE_IDENTITY_FILE (app/encryption.py)
+    sealed: str | None = None
     schema_version: int = SCHEMA_VERSION
+
+    @property
+    def engine_name(self) -> str:
+        return self.engine or "postgresql"
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def sanity(self) -> list[str]:
+        """The output-sanity warnings (app.sanity) among ``warnings``."""
+        return [w[len(SANITY_PREFIX):] for w in self.warnings if w.startswith(SANITY_PREFIX)]
 
     @property
     def duration_s(self) -> float | None:
@@ -91,6 +135,22 @@ class Manifest:
                 error=doc.get("error"),
                 slot=doc.get("slot"),
                 warnings=list(doc.get("warnings") or []),
+                contents=doc.get("contents") if isinstance(doc.get("contents"), dict) else None,
+                database_properties=(doc.get("database_properties")
+                                     if isinstance(doc.get("database_properties"), dict) else None),
+                system_identifier=str(doc["system_identifier"]) if doc.get("system_identifier") else None,
+                database_oid=int(doc["database_oid"]) if doc.get("database_oid") is not None else None,
+                source=doc.get("source"),
+                raw_bytes=int(doc["raw_bytes"]) if doc.get("raw_bytes") is not None else None,
+                engine=doc.get("engine"),
+                client_version=doc.get("client_version"),
+                position=doc.get("position") if isinstance(doc.get("position"), dict) else None,
+                physical=doc.get("physical") if isinstance(doc.get("physical"), dict) else None,
+                target=doc.get("target"),
+                stored_checksum=doc.get("stored_checksum"),
+                synced_from=doc.get("synced_from"),
+                encryption=doc.get("encryption") if isinstance(doc.get("encryption"), dict) else None,
+                sealed=doc.get("sealed") if isinstance(doc.get("sealed"), str) else None,
                 schema_version=int(doc.get("schema_version", SCHEMA_VERSION)),
             )
         except ManifestError:

@@ -11,28 +11,23 @@ from __future__ import annotations
 import io
 import logging
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
-from app.catalog import Entry, load_catalog
+from app.catalog import Entry
 from app.errors import SidecarError
-from app.restore import Progress, archive_chunks, pick_source, resolve_entry
+from app.readpath import Progress, archive_chunks
+from app.selection import pick_source, resolve_entry
 from app.settings import Settings
 from app.targets import Target, make_targets
+from app.tarsafe import extract_all
 from app.verify import ArchiveInvalid, ChunkReader, check_tar
 
 log = logging.getLogger(__name__)
 
 
-def _files_entry(settings: Settings, targets: list[Target], ref: str) -> Entry:
-    if ref != "latest":
-        entry = resolve_entry(targets, ref, None)
-    else:
-        name = settings.files.name if settings.files else None
-        good = [e for e in load_catalog(targets, name).good() if e.manifest.kind == "files"]
-        if not good:
-            raise SidecarError("no ok files archive found (hint: set FILES_PATHS and run a backup; see `list`)")
-        entry = good[0]
+def _files_entry(settings: Settings, targets: list[Target], ref: str, source: str | None = None) -> Entry:
+    name = settings.files.name if settings.files and ref == "latest" else None
+    entry = resolve_entry(targets, ref, name, source, kind="files")
     if entry.manifest.kind != "files":
         raise SidecarError(f"{entry.id} is a {entry.manifest.kind} backup, not a files archive "
                            "(hint: use `restore` for databases; files archives show as kind files in `list --json`)")
@@ -42,7 +37,7 @@ def _files_entry(settings: Settings, targets: list[Target], ref: str) -> Entry:
 def restore_files_command(settings: Settings, ref: str, to_dir: Path, *, force: bool, source: str | None) -> None:
     """Extract the files archive ``ref`` into ``to_dir``; refuses a non-empty directory unless ``force``."""
     targets = make_targets(settings)
-    entry = _files_entry(settings, targets, ref)
+    entry = _files_entry(settings, targets, ref, source)
     target = pick_source(entry, targets, source)
     dest = to_dir.absolute()
     if dest.exists() and not dest.is_dir():
@@ -61,16 +56,13 @@ def restore_files_command(settings: Settings, ref: str, to_dir: Path, *, force: 
     reader = io.BufferedReader(ChunkReader(archive_chunks(target, manifest, progress)), buffer_size=1 << 20)
     count = 0
 
-    def counted(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    def seen(_member: tarfile.TarInfo) -> None:
         nonlocal count
-        for member in tar:
-            count += 1
-            yield member
+        count += 1
 
     try:
         with tarfile.open(fileobj=reader, mode="r|") as tar:
-            # extractall, not extract per member: it sets directory modes last, so read-only dirs still fill
-            tar.extractall(dest, members=counted(tar), filter="tar")
+            extract_all(tar, dest, seen)
     except (tarfile.TarError, OSError) as exc:
         raise SidecarError(f"restoring {manifest.id} into {dest} failed after {count} entries: {exc} "
                            "(hint: check free space and permissions of the directory; it is partly written)") from exc

@@ -32,6 +32,7 @@ from typing import Any
 
 import schedule
 
+from app import drills
 from app.cancel import CancelToken
 from app.coordination import slot_of
 from app.errors import SidecarError
@@ -40,6 +41,7 @@ from app.jobs import JobResult, backup_once
 from app.logs import mask
 from app.manifest import utc_iso
 from app.metrics import Metrics
+from app.preflight import describe_active, log_checks
 from app.schedule_spec import parse_schedule
 from app.settings import Settings
 from app.targets import make_targets
@@ -58,6 +60,8 @@ job_start_listeners: list[JobStartListener] = []
 job_listeners: list[JobListener] = []
 #: Called when the /health status changes (ok / warning / critical).
 health_listeners: list[HealthListener] = []
+#: Called with the manifest of every base backup `run` takes (WAL_ARCHIVE=true), ok or failed.
+base_listeners: list[Callable[[Any], object]] = []
 
 STOP_GRACE_S = 9.0  # SIGTERM to exit, within the 10 s that orchestrators give by default
 TICK_S = 0.2
@@ -81,19 +85,36 @@ class Runtime:
         self.schedule = parse_schedule(settings.schedule.spec, settings.schedule.tz)
         self.tick_s = tick_s
         self.monitor = HealthMonitor(
-            settings, make_targets(settings), refresh_s=refresh_s, stall_s=stall_s, tick_limit_s=tick_limit_s
+            settings, make_targets(settings), refresh_s=refresh_s, stall_s=stall_s, tick_limit_s=tick_limit_s,
+            schedule=self.schedule,
         )
-        self.metrics = Metrics(self.monitor, list(settings.db.databases))
+        self.metrics = Metrics(self.monitor)
+        drills.after_drill.append(self.monitor.refresh_soon)  # DRILL_SCHEDULE's records show at once
         self.cancel = CancelToken()
         self.stop_signal: str | None = None
         self.scheduler = schedule.Scheduler()
+        self.sync_scheduler = schedule.Scheduler()  # SYNC_SCHEDULE: catch-up of a target that missed copies
         self.on_job_start: list[JobStartListener] = list(job_start_listeners)
         self.on_job: list[JobListener] = list(job_listeners)
         self.on_health: list[HealthListener] = list(health_listeners)
         self._worker: threading.Thread | None = None
+        self._sync_worker: threading.Thread | None = None
         self._worker_started: datetime | None = None
         self._expected: datetime | None = None  # the scheduled fire time the loop waits for
         self._events: queue.Queue[Any] = queue.Queue()
+        self.wal = self._wal_archiver()
+
+    def _wal_archiver(self) -> Any:
+        """WAL_ARCHIVE=true: the WAL stream and base backups (app/walstream.py), reported through /health."""
+        if not self.settings.wal.enabled:
+            return None
+        from app.walstream import WalArchiver
+
+        archiver = WalArchiver(self.settings, make_targets(self.settings),
+                               on_base=lambda manifest: self._events.put(("base", manifest)))
+        self.monitor.wal_status = archiver.status.copy
+        self.metrics.watch_wal(archiver.status)
+        return archiver
 
     # --- signals ------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -135,12 +156,10 @@ class Runtime:
     def launch(self, slot: str, why: str) -> bool:
         """Start a backup job on the worker thread unless one is running; False when skipped."""
         if self._worker is not None and self._worker.is_alive():
-            log.warning(
-                "slot %s skipped: the backup started at %s is still running",
-                slot,
-                utc_iso(self._worker_started),
-            )
+            why = f"slot {slot} skipped: the backup started at {utc_iso(self._worker_started)} is still running"
+            log.warning("%s", why)
             self.metrics.skip("overrun")
+            self.monitor.record_skip("overrun", why, slot)
             return False
         self._worker_started = datetime.now(UTC)
         self.monitor.job_started()
@@ -163,16 +182,43 @@ class Runtime:
                 JobResult(slot=slot),
                 f"{exc.__class__.__name__}: {mask(str(exc))}".splitlines()[0],
             )
-        for why in result.skipped:
-            log.info("skipped: %s", why)
+        for kind, why in zip(result.skip_kinds, result.skipped, strict=True):
+            # another host dumping or done is the normal way replicas share a slot; anything else is news
+            log.log(logging.INFO if kind in ("claim", "slot") else logging.WARNING, "skipped (%s): %s", kind, why)
+        for failure in result.verify_failures:
+            log.error("verify after backup failed: %s", failure)
         if error:
             result.error = error
             log.error("backup job for slot %s failed: %s", slot, error)
-        self.monitor.job_finished(result.manifests, error)
+        self.monitor.job_finished(result.manifests, error, result.verified,
+                                  list(zip(result.skip_kinds, result.skipped, strict=True)), slot)
         self.metrics.record(result)
         self._events.put(("job", result))
         if self.stop_signal is None:
+            self._sync_due()
             self._log_next()
+
+    def _sync_due(self) -> None:
+        """Catch-up after every job and on SYNC_SCHEDULE, on a thread of its own: a long catch-up after an
+        outage never makes a scheduled backup skip its slot."""
+        if len(self.monitor.views) < 2 or self.stop_signal is not None:
+            return
+        if self._sync_worker is not None and self._sync_worker.is_alive():
+            return
+        self._sync_worker = threading.Thread(target=self._sync, name="sync", daemon=True)
+        self._sync_worker.start()
+
+    def _sync(self) -> None:
+        from app.sync import sync_command
+
+        _lower_priority()
+        try:
+            report = sync_command(self.settings, None, self.cancel)
+        except Exception:  # the catch-up must never take the loop down
+            log.exception("sync failed")
+            return
+        if report.copied:
+            self.monitor.refresh_soon()
 
     def _log_next(self) -> None:
         nxt = self.next_run(datetime.now(UTC))
@@ -184,8 +230,11 @@ class Runtime:
         while (item := self._events.get()) is not _STOP:
             kind, payload = item
             listeners: list[Callable[..., object]] = list(
-                {"start": self.on_job_start, "job": self.on_job, "health": self.on_health}[kind]
+                {"start": self.on_job_start, "job": self.on_job, "health": self.on_health,
+                 "base": base_listeners}[kind]
             )
+            if kind == "base":
+                self.monitor.refresh_soon()
             for listener in listeners:
                 try:
                     listener(*payload) if kind == "health" else listener(payload)
@@ -208,6 +257,9 @@ class Runtime:
         web = WebServer(make_app(self.monitor, self.metrics), self.settings.health.bind, self.settings.health.port)
         events = threading.Thread(target=self._dispatch_events, name="events", daemon=True)
         self.schedule.install(self.scheduler, self._due)
+        if self.settings.schedule.sync_spec and len(self.monitor.views) > 1:
+            parse_schedule(self.settings.schedule.sync_spec, self.settings.schedule.tz).install(
+                self.sync_scheduler, self._sync_due)
         now = datetime.now(UTC)
         self._expected = self.next_run(now)
         self.monitor.next_run_at = self._expected
@@ -215,6 +267,9 @@ class Runtime:
         self.monitor.start()
         web.start()
         events.start()
+        if self.wal is not None:
+            self.wal.install(self.scheduler)
+            self.wal.start()
         targets = ", ".join(v.target.describe() for v in self.monitor.views) or "none"
         log.info(
             "backup-sidecar running on %s: %s; targets %s; lock %s",
@@ -224,6 +279,9 @@ class Runtime:
             self.settings.lock.path,
         )
         log.info("next backup at %s (%s)", utc_iso(self._expected) or "unknown", self.schedule.describe())
+        for line in describe_active(self.settings):
+            log.info("%s", line)
+        threading.Thread(target=log_checks, args=(self.settings,), name="preflight", daemon=True).start()
         if self.settings.schedule.on_start:
             self.launch(slot_of(now), "BACKUP_ON_START")
         last_health = 0.0
@@ -231,6 +289,7 @@ class Runtime:
             self.monitor.beat()
             try:
                 self.scheduler.run_pending()
+                self.sync_scheduler.run_pending()
             except Exception:
                 log.exception("the scheduler failed to start a job")
             if time.monotonic() - last_health >= 1.0:
@@ -241,6 +300,10 @@ class Runtime:
 
     def _shutdown(self, web: WebServer, events: threading.Thread) -> int:
         deadline = time.monotonic() + STOP_GRACE_S
+        wal_stop = None
+        if self.wal is not None:  # beside the backup's own stop: the last partial segment ships meanwhile
+            wal_stop = threading.Thread(target=self.wal.stop, args=(STOP_GRACE_S - 2.0,), name="wal-stop")
+            wal_stop.start()
         worker = self._worker
         if worker is not None and worker.is_alive():
             log.warning("%s received during a backup: waiting for it to stop", self.stop_signal)
@@ -251,6 +314,10 @@ class Runtime:
                 os._exit(1)
         else:
             log.info("%s received: stopping", self.stop_signal)
+        if wal_stop is not None:
+            wal_stop.join(max(0.0, deadline - time.monotonic() - 1.0))
+        if self._sync_worker is not None and self._sync_worker.is_alive():  # its partial copy goes too
+            self._sync_worker.join(max(0.0, deadline - time.monotonic() - 1.0))
         self._events.put(_STOP)
         events.join(max(0.0, deadline - time.monotonic() - 0.5))
         self.monitor.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import uuid
@@ -22,11 +23,30 @@ from minio import Minio
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
+from local_mariadb import MariaDb, start_server  # noqa: E402
 from local_pg import free_port, start_cluster, wait_port  # noqa: E402  (scripts/ is not a package)
 
-__all__ = ["free_port", "start_cluster"]
+__all__ = ["free_port", "start_cluster", "MariaDb"]
 #: A password that must never appear anywhere but in PGPASSWORD of a child's environment.
 CANARY = "Canary-" + secrets.token_hex(8) + "-pw"
+
+
+def require_tool(path: str, package: str) -> str:
+    """``path`` of an external tool that scripts/setup.sh installs (Debian ``package``).
+
+    Missing, a test skips with one line saying what to install; under CI, or when scripts/setup.sh found every
+    package of scripts/apt-packages.txt installed (BACKUP_SIDECAR_TOOLS=installed), a missing tool is a
+    failure, so a broken install step cannot hide behind skips.
+    """
+    import shutil
+
+    found = path if Path(path).is_file() else shutil.which(path)
+    if found:
+        return found
+    message = f"{path} is missing: apt-get install {package} (scripts/test.sh does it as root)"
+    if os.environ.get("CI") or os.environ.get("BACKUP_SIDECAR_TOOLS") == "installed":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def docker_available() -> bool:
@@ -94,6 +114,26 @@ def pg() -> Iterator[PgServer]:
         stop()
 
 
+@pytest.fixture(scope="session")
+def pg2() -> Iterator[PgServer]:
+    """A second PostgreSQL cluster (another system identifier), for two clusters sharing one bucket or NAS."""
+    server = _start_local_cluster()
+    yield server
+    for stop in server.stop:
+        stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> Iterator[MariaDb]:
+    """A throwaway MariaDB server (own datadir, socket and port, binary log on) whose ``backup`` user has the
+    canary password; root connects over the server's socket. Never the shared server on 3306."""
+    require_tool("mariadbd" if shutil.which("mariadbd") else "/usr/sbin/mariadbd", "mariadb-server")
+    require_tool("mariadb-dump", "mariadb-client")
+    server = start_server(CANARY)
+    yield server
+    server.stop()
+
+
 @dataclass
 class S3Server:
     endpoint: str  # host:port
@@ -154,6 +194,8 @@ class Cli:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         env["POSTGRES_CONNECT_TIMEOUT"] = "5"
         env["LOCK_FILE"] = str(self.cwd / "backup-sidecar.lock")  # tests never share a lock by accident
+        # tests' NAS directories are tmp dirs on the root disk; the mount guard has tests of its own
+        env["NAS_REQUIRE_MOUNT"] = "false"
         return env
 
     def run(self, *args: str, env: dict[str, str], timeout: float = 300,

@@ -178,3 +178,70 @@ def test_missing_files_path_fails_with_hint(cli: Cli, pg: PgServer, nas: Path, t
     assert "not-mounted does not exist" in result.stderr and "FILES_PATHS" in result.stderr
     dumps = [p for p in nas.rglob("*.dump.zst")]
     assert len(dumps) == 1, "the database dump still happens when the files archive fails"
+
+
+def test_the_extraction_rules_hold_on_pythons_without_pep_706_filters(tmp_path: Path):
+    """Debian 12's Python 3.11.2 has no tarfile filters: restore-files applies the ``tar`` filter's rules itself,
+    and they agree with the standard library's where it has them."""
+    import tarfile
+
+    from app.tarsafe import tar_filter
+
+    dest = str(tmp_path)
+    (tmp_path / "out").symlink_to("/")
+    cases = []
+    for name, mode, kind, linkname in (("/data/uploads/a.txt", 0o6777, tarfile.REGTYPE, ""),
+                                       ("data/link", 0o777, tarfile.SYMTYPE, "/nonexistent/target"),
+                                       ("../escape", 0o644, tarfile.REGTYPE, ""),
+                                       ("out/etc/passwd", 0o644, tarfile.REGTYPE, "")):
+        member = tarfile.TarInfo(name)
+        member.mode, member.type, member.linkname = mode, kind, linkname
+        cases.append(member)
+    kept = tar_filter(cases[0], dest)
+    assert (kept.name, kept.mode, cases[0].name) == ("data/uploads/a.txt", 0o755, "/data/uploads/a.txt")
+    assert tar_filter(cases[1], dest).linkname == "/nonexistent/target", "the tar filter keeps links as they are"
+    for bad in cases[2:]:
+        with pytest.raises(tarfile.TarError):
+            tar_filter(bad, dest)
+    if hasattr(tarfile, "tar_filter"):
+        for member in cases[:2]:
+            theirs = tarfile.tar_filter(member, dest)
+            assert (theirs.name, theirs.mode) == (tar_filter(member, dest).name, tar_filter(member, dest).mode)
+        for member in cases[2:]:
+            with pytest.raises(tarfile.FilterError):
+                tarfile.tar_filter(member, dest)
+
+
+@pytest.mark.parametrize("with_filters", [True, False])
+def test_extract_all_gives_the_same_tree_with_and_without_pep_706_filters(tmp_path: Path, monkeypatch,
+                                                                         with_filters: bool):
+    import io
+    import tarfile
+
+    from app import tarsafe
+
+    if with_filters and not tarsafe.HAS_FILTERS:
+        pytest.skip("this Python has no PEP 706 filters (the other case runs the hand-made rules)")
+    monkeypatch.setattr(tarsafe, "HAS_FILTERS", with_filters)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, mode in (("/srv/app/config.ini", 0o4766), ("/srv/app/data/blob", 0o600)):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = 5, mode
+            tar.addfile(info, io.BytesIO(b"hello"))
+        ro = tarfile.TarInfo("/srv/app/readonly")
+        ro.type, ro.mode = tarfile.DIRTYPE, 0o555
+        tar.addfile(ro)
+        inner = tarfile.TarInfo("/srv/app/readonly/inside")
+        inner.size = 2
+        tar.addfile(inner, io.BytesIO(b"ok"))
+    buf.seek(0)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    seen = []
+    with tarfile.open(fileobj=buf, mode="r|") as tar:
+        tarsafe.extract_all(tar, dest, lambda m: seen.append(m.name))
+    assert len(seen) == 4
+    assert (dest / "srv/app/config.ini").read_bytes() == b"hello"
+    assert (dest / "srv/app/config.ini").stat().st_mode & 0o7777 == 0o744, "setuid and group/other write cleared"
+    assert (dest / "srv/app/readonly/inside").read_bytes() == b"ok", "a read-only directory still fills"
