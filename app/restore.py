@@ -1,319 +1,77 @@
-"""Restore: stream a backup out of a target, through decompression, into pg_restore or psql.
+"""`restore`: stream a backup out of a target, through decompression, into pg_restore or psql.
 
-Integrity is checked in the same single pass that restores, inside one transaction:
-the SHA-256 and size of the stored bytes are compared with the manifest as they stream, and the *last* bytes
-of the decompressed archive are held back until both match and the compressed stream has ended cleanly.
-pg_restore (custom format) and psql (plain) therefore cannot reach their COMMIT before the whole artifact
-is proven intact: a damaged or truncated artifact makes us kill the child, the server rolls the transaction
-back, and the target database is exactly as it was. One pass instead of verify-then-restore keeps a restore
-as fast as ``zstd -dc FILE | pg_restore`` (the benchmark in scripts/bench_restore.py).
+The outcome is all or nothing, and what the sidecar says about it is what happened:
+
+- **In place, one transaction** (custom format that fits in one transaction): ``pg_restore
+  --single-transaction``, with the archive's last bytes held back until the SHA-256 matched (app/readpath.py),
+  so a damaged artifact, an error or a kill rolls back and the database is as it was.
+- **Staged, then swapped** (plain SQL, whose large-object section commits on its own, and archives needing
+  more locks than one transaction can take): the backup goes into a fresh staging database, and only once it
+  is complete does one transaction rename the live database away and the staging one into its place. A
+  failure drops the staging database; a kill leaves it behind under its ``bs_staging_`` name. The live
+  database is never touched until the swap.
+
+``--create`` gives a new database the source's properties (recorded in the manifest at backup time);
+``--no-owner``/``--no-acl`` leave owners and grants out, and the result lists what was left out.
 """
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import logging
-import os
-import subprocess
+import re
+import secrets
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
-from types import TracebackType
-from typing import TextIO
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import NoReturn
 
-import psycopg
-from psycopg import sql
-
-from app import layout, pg
-from app.catalog import Entry, load_catalog
-from app.compression import CorruptArchive, decompress
-from app.durations import format_duration, format_size
+from app import dbadmin, pg
+from app.catalog import Entry
+from app.dbadmin import DatabaseProperties
+from app.durations import format_size
 from app.errors import SidecarError
 from app.locks import LockBusy, run_lock
 from app.logs import mask
 from app.manifest import Manifest, utc_iso
-from app.pipeline import stop_process_group
-from app.settings import Settings
+from app.proc import Child
+from app.readpath import Progress, archive_chunks
+from app.selection import pick_source, resolve_entry
+from app.settings import DatabaseSettings, Settings
 from app.targets import Target, make_targets
 
-CHUNK = 1024 * 1024
 log = logging.getLogger(__name__)
-
-#: User tables that make a database "not empty" (extension-owned tables such as PostGIS's do not count).
-_USER_TABLES_SQL = """
-SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p') AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
-  AND NOT EXISTS (SELECT 1 FROM pg_depend d
-                  WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
-"""
-
-#: What ``--clean`` runs before a plain-format dump, in the dump's own transaction: psql cannot drop the
-#: objects a dump is about to create (pg_restore --clean does that for custom archives), so the database's
-#: own schemas, the objects in public and large objects go first. Anything else that collides makes the
-#: restore fail and roll back, leaving the database as it was.
-PLAIN_CLEAN_SQL = r"""
-DO $backup_sidecar_clean$
-DECLARE r record;
-BEGIN
-  FOR r IN SELECT n.nspname FROM pg_namespace n
-           WHERE n.nspname NOT IN ('public', 'information_schema') AND n.nspname NOT LIKE 'pg\_%'
-             AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_namespace'::regclass
-                             AND d.objid = n.oid AND d.deptype = 'e')
-  LOOP
-    EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', r.nspname);
-  END LOOP;
-  FOR r IN SELECT c.relname, CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
-                    WHEN 'S' THEN 'SEQUENCE' WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END AS kind
-           FROM pg_class c
-           WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
-             AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                             AND d.objid = c.oid AND d.deptype = 'e')
-  LOOP
-    EXECUTE format('DROP %s IF EXISTS public.%I CASCADE', r.kind, r.relname);
-  END LOOP;
-  FOR r IN SELECT p.proname, pg_get_function_identity_arguments(p.oid) AS args,
-                  CASE p.prokind WHEN 'a' THEN 'AGGREGATE' ELSE 'ROUTINE' END AS kind
-           FROM pg_proc p
-           WHERE p.pronamespace = 'public'::regnamespace
-             AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
-                             AND d.objid = p.oid AND d.deptype = 'e')
-  LOOP
-    EXECUTE format('DROP %s IF EXISTS public.%I(%s) CASCADE', r.kind, r.proname, r.args);
-  END LOOP;
-  FOR r IN SELECT t.typname, CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END AS kind
-           FROM pg_type t
-           WHERE t.typnamespace = 'public'::regnamespace AND t.typtype IN ('c', 'd', 'e', 'r')
-             AND (t.typtype <> 'c' OR (SELECT c.relkind FROM pg_class c WHERE c.oid = t.typrelid) = 'c')
-             AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_type'::regclass
-                             AND d.objid = t.oid AND d.deptype = 'e')
-  LOOP
-    EXECUTE format('DROP %s IF EXISTS public.%I CASCADE', r.kind, r.typname);
-  END LOOP;
-  PERFORM pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata;
-END
-$backup_sidecar_clean$;
-"""
-
-
-class IntegrityError(SidecarError):
-    """The stored bytes are not the ones the manifest describes (size or SHA-256)."""
-
-
-class ConsumerFailed(SidecarError):
-    """pg_restore or psql failed; the message carries its most telling stderr line."""
+STAGING_PREFIX = "bs_staging_"
 
 
 class RestoreFailed(SidecarError):
     """A restore that did not complete; the message says what state the database was left in."""
 
 
-# --- reading a backup ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Options:
+    """How a backup is applied: ``clean`` lets it replace existing objects; ``owner``/``acl`` False leave owners
+    and grants out (pg_restore --no-owner/--no-privileges)."""
 
+    clean: bool = False
+    owner: bool = True
+    acl: bool = True
 
-class Progress:
-    """Bytes, rate and ETA on stderr: rewritten in place on a terminal, a line every 10 s in a log."""
+    def consumer_flags(self) -> list[str]:
+        return (["--no-owner"] if not self.owner else []) + (["--no-privileges"] if not self.acl else [])
 
-    def __init__(self, label: str, total: int | None, stream: TextIO | None = None) -> None:
-        self.label = label
-        self.total = total or None
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.done = 0
-        self.started = time.monotonic()
-        self._last = self.started
-        self._interval = 0.5 if self.tty else 10.0
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self._last >= self._interval:
-            self._last = now
-            self._emit(final=False)
-
-    def finish(self) -> None:
-        self._emit(final=True)
-
-    def _emit(self, final: bool) -> None:
-        elapsed = max(time.monotonic() - self.started, 1e-6)
-        rate = self.done / elapsed
-        text = f"{self.label}: {format_size(self.done)}"
-        if self.total:
-            text += f" of {format_size(self.total)} ({100 * self.done / self.total:.0f}%)"
-        text += f", {format_size(rate)}/s"
-        if final:
-            text += f", {elapsed:.1f}s"
-        elif self.total and rate > 0:
-            text += f", ETA {format_duration((self.total - self.done) / rate)}"
-        if self.tty:
-            print(f"\r{text}\x1b[K", end="\n" if final else "", file=self.stream, flush=True)
-        else:
-            print(text, file=self.stream, flush=True)
-
-
-def stored_chunks(target: Target, manifest: Manifest, progress: Progress | None = None) -> Iterator[bytes]:
-    """The artifact's stored bytes as they stream from ``target``, checked against the manifest.
-
-    The last chunk is yielded only after the size and SHA-256 matched, so nothing downstream ever sees the
-    end of a stream whose bytes are not the ones that were backed up.
-    """
-    where = f"{manifest.id} on {target.name}"
-    digest = hashlib.sha256()
-    size = 0
-    held: bytes | None = None
-    with target.open(manifest.artifact) as f:
-        while chunk := f.read(CHUNK):
-            size += len(chunk)
-            if size > manifest.size_bytes:
-                raise IntegrityError(
-                    f"{where}: the artifact is larger than the {manifest.size_bytes} bytes its manifest records "
-                    f"(hint: the copy on {target.name} was changed after the backup; use another copy or backup)"
-                )
-            digest.update(chunk)
-            if progress is not None:
-                progress.advance(len(chunk))
-            if held is not None:
-                yield held
-            held = chunk
-    if size != manifest.size_bytes:
-        raise IntegrityError(
-            f"{where}: the artifact ends after {size} of {manifest.size_bytes} bytes (truncated) "
-            f"(hint: the copy on {target.name} is incomplete; use another copy or backup)"
-        )
-    if digest.hexdigest() != manifest.sha256:
-        raise IntegrityError(
-            f"{where}: SHA-256 mismatch: the stored bytes hash to {digest.hexdigest()[:16]}..., the manifest says "
-            f"{(manifest.sha256 or '-')[:16]}... (hint: the copy on {target.name} is damaged; use another copy "
-            "with --from, or another backup)"
-        )
-    if held is not None:
-        yield held
-
-
-def hold_last(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Yield every chunk but keep the latest back until the source ended without an error."""
-    held: bytes | None = None
-    for chunk in chunks:
-        if held is not None:
-            yield held
-        held = chunk
-    if held is not None:
-        yield held
-
-
-def compression_of(manifest: Manifest) -> str:
-    """The manifest's compression, falling back on the key's extension for manifests that lack it."""
-    if manifest.compression in ("zstd", "gzip", "none"):
-        return manifest.compression
-    return layout.compression_of(manifest.artifact)
-
-
-def archive_chunks(target: Target, manifest: Manifest, progress: Progress | None = None) -> Iterator[bytes]:
-    """The decompressed archive, whose final bytes come only once the stored bytes and the stream are whole."""
-    try:
-        yield from hold_last(decompress(stored_chunks(target, manifest, progress), compression_of(manifest)))
-    except CorruptArchive as exc:
-        raise IntegrityError(
-            f"{manifest.id} on {target.name}: {exc} (hint: the copy is damaged; use another copy with --from, "
-            "or another backup)"
-        ) from exc
+    def dropped(self, user: str) -> list[str]:
+        out = []
+        if not self.owner:
+            out.append(f"object owners (--no-owner: everything belongs to {user})")
+        if not self.acl:
+            out.append("grants and revokes on objects (--no-acl)")
+        return out
 
 
 # --- feeding a consumer process -------------------------------------------------------------------------
-
-
-class Feed(AbstractContextManager["Feed"]):
-    """pg_restore / psql reading our stream on stdin, stderr kept (bounded, masked), killed on any failure."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], hint: str) -> None:
-        self.argv = argv
-        self.env = env
-        self.name = os.path.basename(argv[0])
-        self.hint = hint
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._stderr: collections.deque[str] = collections.deque(maxlen=40)
-        self._reader: threading.Thread | None = None
-
-    def __enter__(self) -> Feed:
-        try:
-            self.proc = subprocess.Popen(  # noqa: S603 - argv built here, no shell
-                self.argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                env=self.env, start_new_session=True,
-            )
-        except FileNotFoundError as exc:
-            raise ConsumerFailed(f"{self.name} is not installed or not on PATH (hint: install postgresql-client)") \
-                from exc
-        self._reader = threading.Thread(target=self._read_stderr, name=f"{self.name}-stderr", daemon=True)
-        self._reader.start()
-        return self
-
-    def _read_stderr(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._stderr.append(line.decode("utf-8", "replace").rstrip()[:500])
-
-    def error_line(self) -> str:
-        lines = [mask(line).strip() for line in self._stderr if line.strip()]
-        for line in reversed(lines):
-            if "error:" in line or "ERROR:" in line or "FATAL" in line:
-                return line
-        return lines[-1] if lines else ""
-
-    def _failed(self, code: int | None) -> ConsumerFailed:
-        if self._reader is not None:
-            self._reader.join(timeout=5)
-        said = self.error_line()
-        if code is not None and code < 0:
-            detail = f"killed by signal {-code}" + (f"; it said: {said}" if said else "")
-        elif code == 0:
-            detail = "it stopped reading before the end of the archive"
-        else:
-            detail = said or f"exit code {code}"
-        return ConsumerFailed(f"{self.name} failed: {detail} (hint: {self.hint})")
-
-    def write(self, data: bytes) -> None:
-        assert self.proc is not None and self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(data)
-        except BrokenPipeError as exc:
-            raise self._failed(self.proc.wait()) from exc
-
-    def finish(self) -> list[str]:
-        """Close stdin (the child's EOF: only now can it commit), wait, and raise unless it ended cleanly."""
-        assert self.proc is not None and self.proc.stdin is not None
-        try:
-            self.proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        code = self.proc.wait()
-        if code != 0:
-            raise self._failed(code)
-        if self._reader is not None:
-            self._reader.join(timeout=5)
-        return [mask(line) for line in self._stderr if line.strip()]
-
-    def kill(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        stop_process_group(self.proc, term_grace_s=5.0)
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self.proc is None:
-            return
-        if exc_type is not None:
-            self.kill()  # before EOF: the child never commits, the server rolls its transaction back
-        for stream in (self.proc.stdin, self.proc.stderr):
-            if stream is not None:
-                try:
-                    stream.close()
-                except BrokenPipeError:
-                    pass
-        if self.proc.poll() is None:
-            self.proc.wait()
 
 
 def conninfo_dbname(dbname: str) -> str:
@@ -322,139 +80,135 @@ def conninfo_dbname(dbname: str) -> str:
     return f"dbname='{escaped}'"
 
 
-def consumer_argv(fmt: str, dbname: str, clean: bool) -> list[str]:
-    """The command that applies an archive of ``fmt`` to ``dbname`` in one transaction, stopping at the first error."""
+def consumer_argv(manifest: Manifest, dbname: str, options: Options, *, atomic: bool,
+                  pg_restore: str = "pg_restore") -> list[str]:
+    """The command that applies the archive to ``dbname``, stopping at the first error."""
     target = f"--dbname={conninfo_dbname(dbname)}"
-    if fmt == "custom":
-        argv = ["pg_restore", "--no-password", "--single-transaction", "--exit-on-error", target]
-        return argv + (["--clean", "--if-exists"] if clean else [])
-    if fmt == "plain":
-        # No --single-transaction: psql would COMMIT at end of input, even an input cut short because the
-        # sidecar was killed. stream_into_database sends BEGIN first and COMMIT only after the checksum matched,
-        # so EOF without COMMIT always rolls back.
+    if manifest.format == "custom":
+        argv = [pg_restore, "--no-password", "--exit-on-error", target, *options.consumer_flags()]
+        if atomic:
+            argv.append("--single-transaction")
+        return argv + (["--clean", "--if-exists"] if options.clean else [])
+    if manifest.format == "plain":
         return ["psql", "--no-psqlrc", "--quiet", "--no-password", "--set=ON_ERROR_STOP=1", "--file=-", target]
-    raise RestoreFailed(f"cannot restore a {fmt!r} archive into a database (hint: it is not a pg_dump backup)")
+    raise RestoreFailed(f"cannot restore a {manifest.format!r} archive into a database",
+                        hint="it is not a pg_dump backup")
 
 
-def stream_into_database(settings: Settings, target: Target, manifest: Manifest, dbname: str, *, clean: bool,
+def stream_into_database(db: DatabaseSettings, target: Target, manifest: Manifest, dbname: str, *,
+                         options: Options = Options(), atomic: bool = True,
                          progress: Progress | None = None) -> list[str]:
-    """Apply the backup to ``dbname`` in one transaction; raise (and leave the database untouched) on any fault.
-
-    Returns the consumer's warnings (stderr lines of a successful run).
-    """
-    argv = consumer_argv(manifest.format, dbname, clean)
-    hint = ("the restore was rolled back; the line above is PostgreSQL's reason (missing roles or extensions on "
-            "this server, or max_locks_per_transaction too low for one transaction, are the usual ones)")
-    plain = manifest.format == "plain"
-    with Feed(argv, pg.child_env(settings.db), hint) as feed:
-        if plain:
-            feed.write(b"BEGIN;\n")
-        if clean and plain:
-            feed.write(PLAIN_CLEAN_SQL.encode())
-        for chunk in archive_chunks(target, manifest, progress):
+    """Apply the backup to ``dbname``; raise on any fault. With ``atomic`` (custom format only) it is one
+    transaction whose COMMIT cannot come before the checksum matched. Returns the consumer's warnings."""
+    server_major, known = _server_facts(db, dbname)
+    binary = pg.client_for("pg_restore", server_major, _major(manifest.pg_dump_version))
+    if manifest.format == "custom" and binary == "pg_restore" and pg.client_version(binary)[1] > server_major:
+        return _through_psql(db, target, manifest, dbname, options, atomic, progress, known, server_major)
+    if binary != "pg_restore":
+        log.info("pg_restore on PATH is newer than the server (PostgreSQL %d): using %s", server_major, binary)
+    argv = consumer_argv(manifest, dbname, options, atomic=atomic, pg_restore=binary)
+    chunks = archive_chunks(target, manifest, progress)
+    if manifest.format == "plain":  # pg_dump 17 writes `SET transaction_timeout = 0;` even for a 15 server
+        chunks = leave_out_unknown_settings(chunks, known)
+    with Child(argv, pg.child_env(db), feeds=True, term_grace_s=5.0, name=argv[0].rsplit("/", 1)[-1],
+               explain=lambda line: pg.explain(line, db, dbname)) as feed:
+        for chunk in chunks:
             feed.write(chunk)
-        if plain:
-            feed.write(b"\nCOMMIT;\n")
         return feed.finish()
 
 
-# --- choosing a backup and a database -------------------------------------------------------------------
+def _through_psql(db: DatabaseSettings, target: Target, manifest: Manifest, dbname: str, options: Options,
+                  atomic: bool, progress: Progress | None, known: frozenset[str], server_major: int) -> list[str]:
+    """Version skew with no client of the server's major installed: ``pg_restore --file=-`` turns the archive
+    into SQL, the session settings this server does not know (pg_restore 17's ``SET transaction_timeout``)
+    are left out, and psql applies the rest. ``--single-transaction`` puts BEGIN/COMMIT into the script, and
+    pg_restore cannot write the COMMIT before it read the held-back tail, so atomicity is unchanged."""
+    log.info("pg_restore is newer than the server (PostgreSQL %d) and no matching client is installed: restoring "
+             "through psql, leaving out settings the server does not know", server_major)
+    flags = ["--single-transaction"] if atomic else []
+    flags += ["--clean", "--if-exists"] if options.clean else []
+    to_sql = Child(["pg_restore", "--file=-", *options.consumer_flags(), *flags], pg.child_env(db), feeds=True,
+                   passes=True, term_grace_s=5.0)
+    apply = Child(consumer_argv(replace(manifest, format="plain"), dbname, options, atomic=False),
+                  pg.child_env(db), feeds=True, term_grace_s=5.0, explain=lambda line: pg.explain(line, db, dbname))
+    failure: list[BaseException] = []
 
-
-def resolve_entry(targets: Sequence[Target], ref: str, database: str | None) -> Entry:
-    """The backup ``ref`` names (an ID, or ``latest`` of one database), or SidecarError saying why there is none."""
-    if ref != "latest":
+    def pump() -> None:
         try:
-            name, _ = layout.parse_id(ref)
-        except ValueError as exc:
-            raise SidecarError(str(exc)) from exc
-        database = name  # an ID names its database; --db only narrows `latest`
-    catalog = load_catalog(targets, database)
-    for name, error in catalog.errors.items():
-        log.warning("cannot read %s: %s", name, error)
-    if ref == "latest":
-        good = [e for e in catalog.good(database) if e.manifest.kind == "database"]
-        names = sorted({e.manifest.database for e in good})
-        if len(names) > 1:
-            raise SidecarError(f"`latest` is ambiguous: there are backups of {', '.join(names)} "
-                               "(hint: name the database with --db NAME, or give a backup ID)")
-        if not good:
-            which = f" of {database}" if database else ""
-            raise SidecarError(f"no ok backup{which} found on {_names(targets)} "
-                               "(hint: see `backup-sidecar list`; run `backup-sidecar backup` first)")
-        return good[0]
-    entry = catalog.find(ref)
-    if entry is None:
-        stray = [f"{t}:{o.key}" for t, objs in catalog.orphans.items() for o in objs
-                 if o.key.rsplit("/", 1)[-1].split(".", 1)[0] == ref]
-        if stray:
-            raise SidecarError(f"{ref} has no manifest, only an artifact ({', '.join(stray)}): it is not a "
-                               "complete backup (hint: its run was interrupted; pick another with `list`)")
-        raise SidecarError(f"no backup {ref} on {_names(targets)} (hint: see `backup-sidecar list`)")
-    if not entry.manifest.ok:
-        raise SidecarError(f"backup {ref} failed and cannot be used: {entry.manifest.error or 'no reason recorded'} "
-                           "(hint: pick an ok backup from `backup-sidecar list`)")
-    if not entry.good:
-        raise SidecarError(f"backup {ref}: its artifact is missing or has the wrong size on every target "
-                           "(hint: the backup is lost; pick another from `backup-sidecar list`)")
-    return entry
+            for chunk in archive_chunks(target, manifest, progress):
+                to_sql.write(chunk)
+            to_sql.end_input()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            failure.append(exc)
+            to_sql.kill("stopped because the archive could not be read")
+
+    with to_sql, apply:
+        feeder = threading.Thread(target=pump, name="pg_restore-feed", daemon=True)
+        feeder.start()
+        for chunk in leave_out_unknown_settings(to_sql.chunks(), known):
+            apply.write(chunk)
+        feeder.join()
+        if failure:
+            raise failure[0]
+        to_sql.finish()
+        return apply.finish()
 
 
-def _names(targets: Sequence[Target]) -> str:
-    return ", ".join(t.describe() for t in targets) or "no target"
+_SET = re.compile(rb"^SET ([a-z_][a-z0-9_.]*) = .*;$")
 
 
-def pick_source(entry: Entry, targets: Sequence[Target], source: str | None) -> Target:
-    """The target to read from: ``source`` when given, else the first (NAS before S3) holding a whole copy."""
-    holding = entry.good_targets(targets)
-    if source is None:
-        return holding[0]
-    chosen = [t for t in holding if t.name == source]
-    if not chosen:
-        where = ", ".join(t.name for t in holding)
-        raise SidecarError(f"backup {entry.id} has no intact copy on {source}, only on {where} "
-                           f"(hint: drop --from, or use --from {holding[0].name})")
-    return chosen[0]
+def leave_out_unknown_settings(chunks: Iterable[bytes], known: frozenset[str]) -> Iterator[bytes]:
+    """pg_dump's or pg_restore's SQL without ``SET name = ...;`` lines for settings the server lacks (never
+    inside COPY data): a newer client's session settings, which an older server rejects."""
+    rest = b""
+    in_copy = False
+    for chunk in chunks:
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        out = []
+        for line in lines:
+            if in_copy:
+                in_copy = line != b"\\."
+            elif line.startswith(b"COPY ") and line.endswith(b"FROM stdin;"):
+                in_copy = True
+            else:
+                m = _SET.match(line)
+                if m and m.group(1).decode() not in known:
+                    log.info("left out for this server: %s", line.decode(errors="replace"))
+                    continue
+            out.append(line + b"\n")
+        yield b"".join(out)
+    if rest:
+        yield rest
 
 
-def maintenance_connection(settings: Settings) -> psycopg.Connection:
-    """A connection for CREATE/DROP DATABASE: to ``postgres``, or ``template1`` where that was dropped."""
+def _server_facts(db: DatabaseSettings, dbname: str) -> tuple[int, frozenset[str]]:
+    """The server's major version and the names of the settings it knows."""
+    with pg.connect(db, dbname) as conn:
+        names = frozenset(str(r[0]) for r in conn.execute("SELECT name FROM pg_settings").fetchall())
+        return pg.server_version(conn)[1], names
+
+
+def _major(version: str | None) -> int:
     try:
-        return pg.connect(settings.db, "postgres")
-    except pg.PgError as exc:
-        if "does not exist" not in str(exc):
-            raise
-        return pg.connect(settings.db, "template1")
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return 0
 
 
-def database_exists(settings: Settings, dbname: str) -> bool:
-    with maintenance_connection(settings) as conn:
-        return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone() is not None
+def one_transaction_fits(db: DatabaseSettings, manifest: Manifest) -> tuple[bool, int, int]:
+    """Whether ``pg_restore --single-transaction`` of this backup fits in the server's lock table.
 
-
-def user_table_count(settings: Settings, dbname: str) -> int:
-    with pg.connect(settings.db, dbname) as conn:
-        row = conn.execute(_USER_TABLES_SQL).fetchone()
-        return int(row[0]) if row else 0
-
-
-def create_database(settings: Settings, dbname: str) -> None:
-    """CREATE DATABASE from template0, as pg_restore's documentation asks, so template1 additions cannot collide."""
-    try:
-        with maintenance_connection(settings) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(dbname)))
-    except psycopg.Error as exc:
-        raise SidecarError(f"cannot create database {dbname}: {str(exc).strip().splitlines()[0]} "
-                           "(hint: the POSTGRES_USER role needs CREATEDB)") from exc
-
-
-def drop_database(settings: Settings, dbname: str) -> None:
-    try:
-        with maintenance_connection(settings) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
-    except psycopg.Error as exc:
-        raise SidecarError(f"cannot drop database {dbname}: {str(exc).strip().splitlines()[0]} "
-                           "(hint: drop it by hand)") from exc
+    It takes about four locks per table (table, TOAST, indexes, constraints) and one or two per other
+    relation and large object, all held to COMMIT; the lock table holds max_locks_per_transaction x
+    (max_connections + max_prepared_transactions), shared with every other session, so half of it is the
+    budget. Backups without recorded contents are assumed to fit (PostgreSQL's HINT says otherwise)."""
+    objects = (manifest.contents or {}).get("objects") or {}
+    needed = (4 * (objects.get("tables", 0) + objects.get("partitioned_tables", 0)) + objects.get("indexes", 0)
+              + objects.get("sequences", 0) + objects.get("views", 0) + objects.get("materialized_views", 0)
+              + 2 * objects.get("large_objects", 0))
+    capacity = dbadmin.lock_capacity(db)
+    return needed <= capacity // 2, needed, capacity
 
 
 # --- the command -----------------------------------------------------------------------------------------
@@ -469,6 +223,9 @@ class RestoreResult:
     seconds: float
     created: bool
     tables: int
+    how: str  # "in place, one transaction" | "staged in X, swapped in"
+    dropped: list[str] = field(default_factory=list)  # what was left out (--no-owner, --no-acl, old manifest)
+    notes: list[str] = field(default_factory=list)  # what the operator should know (an engine's caveats)
 
 
 def ask_on_terminal(question: str) -> bool:
@@ -481,99 +238,212 @@ def ask_on_terminal(question: str) -> bool:
     return answer.strip().lower() == "yes"
 
 
+def confirm_restore(entry: Entry, target: Target, where: str, tables: int, exists: bool,
+                    confirm: Callable[[str], bool] | None) -> None:
+    """Ask before a restore (every engine); refuse when nobody can answer, or the answer is not yes."""
+    if not sys.stdin.isatty() and confirm is None:
+        raise SidecarError("restore needs confirmation but stdin is not a terminal", hint="add --yes")
+    what = (f"replacing the database and its {tables} tables" if tables
+            else ("creating it" if not exists else ""))
+    question = (f"Restore {entry.id} ({format_size(entry.manifest.size_bytes)}, finished "
+                f"{utc_iso(entry.manifest.finished_at) or '?'}) from {target.name} into {where}"
+                f"{', ' + what if what else ''}? Type yes to go ahead: ")
+    if not (confirm or ask_on_terminal)(question):
+        raise SidecarError("restore cancelled: not confirmed", hint="answer yes, or pass --yes")
+
+
+def staging_name(to_db: str) -> str:
+    """``bs_staging_<hex>_<target>``, cut to PostgreSQL's 63 bytes."""
+    name = f"{STAGING_PREFIX}{secrets.token_hex(4)}_{to_db}"
+    return name.encode()[:63].decode(errors="ignore")
+
+
 def restore(settings: Settings, targets: Sequence[Target], ref: str, to_db: str, *, database: str | None = None,
             create: bool = False, clean: bool = False, yes: bool = False, source: str | None = None,
-            confirm: Callable[[str], bool] | None = None, progress: bool = True) -> RestoreResult:
+            owner: bool = True, acl: bool = True, confirm: Callable[[str], bool] | None = None,
+            progress: bool = True, entry: Entry | None = None, force: bool = False) -> RestoreResult:
     """Restore ``ref`` into ``to_db``; the database is either fully restored or left as it was (or dropped, if
-    this call created it), and every other outcome raises with what happened."""
-    entry = resolve_entry(targets, ref, database)
+    this call created it), and every other outcome raises with what happened. MariaDB and SQLite backups go
+    their own way (app/engines/mysql_restore.py, app/engines/sqlite_restore.py) with the same promise."""
+    db = settings.db
+    entry = entry or resolve_entry(targets, ref, database, source)
     manifest = entry.manifest
+    if manifest.engine_name != "postgresql" and not (owner and acl):
+        raise SidecarError("--no-owner/--no-acl are for PostgreSQL custom archives",
+                           hint=f"{entry.id} is a {manifest.engine_name} backup: drop them")
+    if manifest.engine_name == "mariadb":
+        from app.engines.mysql_restore import restore_mariadb
+
+        return restore_mariadb(settings, targets, entry, to_db, create=create, clean=clean, yes=yes, source=source,
+                               confirm=confirm, progress=progress)
+    if manifest.engine_name == "sqlite":
+        from app.engines.sqlite_restore import restore_sqlite
+
+        return restore_sqlite(settings, targets, entry, to_db, create=create, clean=clean, yes=yes, force=force,
+                              source=source, confirm=confirm, progress=progress)
+    if db.engine != "postgresql":
+        raise SidecarError(f"{entry.id} is a PostgreSQL backup, but this sidecar's server is {db.engine}",
+                           hint="point POSTGRES_* (or a postgresql:// URL) at a PostgreSQL server")
     if manifest.kind != "database" or manifest.format not in ("custom", "plain"):
-        raise SidecarError(f"{entry.id} is a {manifest.kind} archive, not a database dump (hint: unpack it by hand, "
-                           f"e.g. `zstd -dc FILE | tar -x` or `zstd -dc FILE | psql -d postgres`)")
+        raise SidecarError(f"{entry.id} is a {manifest.kind} archive, not a database dump",
+                           hint="use restore-cluster for globals, restore-files for files archives")
+    options = Options(clean=clean, owner=owner, acl=acl)
+    if manifest.format == "plain" and not (owner and acl):
+        raise SidecarError(f"{entry.id} is plain SQL: its owners and grants are statements in the script and cannot "
+                           "be left out", hint="restore as a role that is a member of the owners (or a superuser), "
+                                               "or switch to BACKUP_FORMAT=custom for --no-owner/--no-acl")
     target = pick_source(entry, targets, source)
-    exists = database_exists(settings, to_db)
-    where = f"{settings.db.host}:{settings.db.port}/{to_db}"
+    where = f"{db.host}:{db.port}/{to_db}"
+    exists = dbadmin.database_exists(db, to_db)
+    for left in dbadmin.databases_like(db, STAGING_PREFIX):
+        log.warning("database %s is left over from an interrupted restore (drop it when no restore runs)", left)
     tables = 0
     if not exists and not create:
-        raise SidecarError(f"database {to_db} does not exist on {settings.db.host}:{settings.db.port} "
-                           "(hint: add --create to create it)")
+        raise SidecarError(f"database {to_db} does not exist on {db.host}:{db.port}", hint="add --create to create it")
     if exists:
-        tables = user_table_count(settings, to_db)
+        tables = dbadmin.user_table_count(db, to_db)
         if tables and not clean:
-            raise SidecarError(f"database {where} is not empty ({tables} tables) (hint: restore into a new database "
-                               "with --create, or add --clean to drop and replace the backup's objects)")
+            raise SidecarError(f"database {where} is not empty ({tables} tables)",
+                               hint="restore into a new database with --create, or add --clean to replace it")
+    staged = manifest.format == "plain"
+    if not staged:
+        fits, needed, capacity = one_transaction_fits(db, manifest)
+        if not fits:
+            log.info("%s needs about %d locks in one transaction, the server has %d: staged restore",
+                     entry.id, needed, capacity)
+            staged = True
     if not yes:
-        if not sys.stdin.isatty() and confirm is None:
-            raise SidecarError("restore needs confirmation but stdin is not a terminal (hint: add --yes)")
-        what = f"replacing objects among its {tables} tables" if tables else ("creating it" if not exists else "")
-        question = (f"Restore {entry.id} ({format_size(manifest.size_bytes)}, finished "
-                    f"{utc_iso(manifest.finished_at) or '?'}) from {target.name} into {where}"
-                    f"{', ' + what if what else ''}? Type yes to go ahead: ")
-        if not (confirm or ask_on_terminal)(question):
-            raise SidecarError("restore cancelled: not confirmed (hint: answer yes, or pass --yes)")
-    created = False
-    if not exists:
-        create_database(settings, to_db)
-        created = True
-    log.info("restore %s from %s into %s started", entry.id, target.describe(), where)
+        confirm_restore(entry, target, where, tables, exists, confirm)
+    dropped = options.dropped(db.user)
+    props = _properties_for(db, to_db, exists, manifest, dropped)
+    log.info("restore %s from %s into %s started (%s)", entry.id, target.describe(), where,
+             "staged" if staged else "one transaction")
     meter = Progress(f"restore {entry.id}", manifest.size_bytes) if progress else None
     t0 = time.monotonic()
-    try:
-        warnings = stream_into_database(settings, target, manifest, to_db, clean=clean, progress=meter)
-    except BaseException as exc:
-        state = _cleanup_after_failure(settings, to_db, created)
-        reason = mask(str(exc)).splitlines()[0] if str(exc) else exc.__class__.__name__
-        if isinstance(exc, Exception):
-            raise RestoreFailed(f"restore of {entry.id} into {to_db} failed, {state}: {reason}") from exc
-        log.error("restore of %s into %s interrupted, %s", entry.id, to_db, state)
-        raise
+    if staged:
+        how = _staged(db, target, manifest, to_db, exists, props, options, meter, dropped)
+    else:
+        how = _in_place(db, target, manifest, to_db, exists, props, options, meter, dropped)
     seconds = time.monotonic() - t0
     if meter is not None:
         meter.finish()
-    for line in warnings:
-        log.warning("%s", line)
-    return RestoreResult(entry.id, target.name, to_db, manifest.size_bytes, seconds, created,
-                         user_table_count(settings, to_db))
+    return RestoreResult(entry.id, target.name, to_db, manifest.size_bytes, seconds, not exists,
+                         dbadmin.user_table_count(db, to_db), how, dropped)
 
 
-def _cleanup_after_failure(settings: Settings, dbname: str, created: bool) -> str:
-    """Undo what the restore itself did; return the state the database is in, for the error line."""
-    if not created:
-        return "the transaction was rolled back and the database is as it was"
+def _properties_for(db: DatabaseSettings, to_db: str, exists: bool, manifest: Manifest,
+                    dropped: list[str]) -> DatabaseProperties | None:
+    """A new database gets the source's properties; a replaced one keeps its own."""
+    if exists:
+        with dbadmin.maintenance_connection(db) as conn:
+            return dbadmin.properties(conn, to_db)
+    props = DatabaseProperties.from_doc(manifest.database_properties)
+    if props is None:
+        dropped.append("the source database's properties (this backup predates their recording): created with "
+                       "this server's defaults")
+    return props
+
+
+def _in_place(db: DatabaseSettings, target: Target, manifest: Manifest, to_db: str, exists: bool,
+              props: DatabaseProperties | None, options: Options, meter: Progress | None, dropped: list[str]) -> str:
+    if not exists:
+        dropped += dbadmin.create_database(db, to_db, props, owner=options.owner, acl=options.acl).dropped
     try:
-        drop_database(settings, dbname)
+        _log_warnings(stream_into_database(db, target, manifest, to_db, options=options, progress=meter))
+    except BaseException as exc:
+        state = ("the transaction was rolled back and the database is as it was" if exists
+                 else _drop_quietly(db, to_db, "the database created for it"))
+        _fail(exc, manifest, to_db, state)
+    return "in place, one transaction"
+
+
+def _staged(db: DatabaseSettings, target: Target, manifest: Manifest, to_db: str, exists: bool,
+            props: DatabaseProperties | None, options: Options, meter: Progress | None, dropped: list[str]) -> str:
+    staging = staging_name(to_db)
+    dropped += dbadmin.create_database(db, staging, props, owner=options.owner, acl=options.acl).dropped
+    untouched = f"{to_db} was not touched" if exists else f"{to_db} was not created"
+    try:
+        _log_warnings(stream_into_database(db, target, manifest, staging, options=Options(owner=options.owner,
+                                           acl=options.acl), atomic=False, progress=meter))
+    except BaseException as exc:
+        _fail(exc, manifest, to_db, f"{untouched}; {_drop_quietly(db, staging, f'the staging database {staging}')}")
+    if exists:
+        retired = staging.replace(STAGING_PREFIX, "bs_retired_", 1)
+        try:
+            dbadmin.swap_databases(db, to_db, staging, retired)
+        except BaseException as exc:
+            _fail(exc, manifest, to_db, f"{untouched}; {_drop_quietly(db, staging, f'the staging database {staging}')}")
+        try:
+            dbadmin.drop_database(db, retired)
+        except SidecarError as exc:
+            log.error("the replaced database survives as %s: %s", retired, exc)
+    else:
+        try:
+            dbadmin.rename_database(db, staging, to_db)
+        except BaseException as exc:
+            _fail(exc, manifest, to_db, f"{untouched}; {_drop_quietly(db, staging, f'the staging database {staging}')}")
+    return f"staged in {staging}, then swapped in"
+
+
+def _drop_quietly(db: DatabaseSettings, dbname: str, what: str) -> str:
+    try:
+        dbadmin.drop_database(db, dbname)
     except SidecarError as exc:
         log.error("%s", exc)
-        return f"and the database created for it could NOT be dropped ({exc})"
-    return "the database created for it was dropped"
+        return f"{what} could NOT be dropped ({exc})"
+    return f"{what} was dropped"
+
+
+def _fail(exc: BaseException, manifest: Manifest, to_db: str, state: str) -> NoReturn:
+    if isinstance(exc, Exception):
+        text = getattr(exc, "message", None) or str(exc)
+        message = mask(text).splitlines()[0] if text else exc.__class__.__name__
+        hint = getattr(exc, "hint", None)
+        raise RestoreFailed(f"restore of {manifest.id} into {to_db} failed, {state}: {message}",
+                            hint=mask(hint) if hint else None) from exc
+    log.error("restore of %s into %s interrupted, %s", manifest.id, to_db, state)
+    raise exc
+
+
+def _log_warnings(lines: list[str]) -> None:
+    for line in lines:
+        log.warning("%s", line)
 
 
 def restore_command(settings: Settings, ref: str, to_db: str, *, database: str | None, create: bool, clean: bool,
-                    yes: bool, source: str | None) -> None:
+                    yes: bool, source: str | None, owner: bool = True, acl: bool = True, force: bool = False) -> None:
     """`backup-sidecar restore`: under the run lock, so prune cannot delete the backup while it streams."""
     all_targets = make_targets(settings)
-    if source is not None and source not in {t.name for t in all_targets}:
-        var = "S3_BUCKET" if source == "s3" else "NAS_PATH"
-        raise SidecarError(f"--from {source}: that target is not configured (hint: set {var})")
-    configured = [d for d in settings.db.databases if d != "*"]
+    check_source(all_targets, source)
+    configured = [d for d in settings.db.databases if d != "*"] + [n for n, _ in
+                                                                  (settings.sqlite.files if settings.sqlite else ())]
     if database is None and ref == "latest" and len(configured) == 1:
         database = configured[0]  # `latest` of the one database this sidecar backs up
-    with _restore_lock(settings):
+    with restore_lock(settings):
         result = restore(settings, all_targets, ref, to_db, database=database, create=create, clean=clean,
-                         yes=yes, source=source)
+                         yes=yes, source=source, owner=owner, acl=acl, force=force)
     print(f"restored {result.backup_id} from {result.source} into {result.database}"
           f"{' (created)' if result.created else ''}: {result.tables} tables, {format_size(result.size_bytes)} "
-          f"in {result.seconds:.1f}s")
+          f"in {result.seconds:.1f}s ({result.how})")
+    for what in result.dropped:
+        print(f"  left out: {what}")
+    for note in result.notes:
+        print(f"  note: {note}")
+
+
+def check_source(targets: Sequence[Target], source: str | None) -> None:
+    if source is not None and source not in {t.name for t in targets}:
+        var = "S3_BUCKET" if source == "s3" else "NAS_PATH"
+        raise SidecarError(f"--from {source}: that target is not configured", hint=f"set {var}")
 
 
 @contextmanager
-def _restore_lock(settings: Settings) -> Iterator[None]:
+def restore_lock(settings: Settings) -> Iterator[None]:
     """The run lock; a restore that finds it taken fails (exit 1) instead of skipping like a scheduled run."""
     try:
         with run_lock(settings, "restore"):
             yield
     except LockBusy as exc:
         who = exc.holder.describe() if exc.holder else "another process"
-        raise SidecarError(f"cannot restore now: {who} holds the lock "
-                           "(hint: wait until it finishes, or set LOCK_TIMEOUT to wait for it)") from exc
+        raise SidecarError(f"cannot restore now: {who} holds the lock",
+                           hint="wait until it finishes, or set LOCK_TIMEOUT to wait for it") from exc

@@ -11,32 +11,23 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import secrets
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import psycopg
-
-from app import layout, pg
+from app import encryption, layout
 from app.catalog import Entry, load_catalog
 from app.compression import CorruptArchive, decompress
+from app.drills import SCRATCH_PREFIX as SCRATCH_PREFIX
+from app.drills import Drill, store
 from app.durations import format_size
 from app.errors import SidecarError
 from app.logs import mask
 from app.manifest import Manifest
-from app.restore import (
-    Feed,
-    IntegrityError,
-    compression_of,
-    create_database,
-    drop_database,
-    stored_chunks,
-    stream_into_database,
-)
+from app.proc import Child, scratch_env
+from app.readpath import IntegrityError, compression_of, stored_chunks
 from app.settings import Settings
 from app.targets import Target, TargetError, make_targets
 
@@ -48,13 +39,6 @@ log = logging.getLogger(__name__)
 #: pg_dump / pg_dumpall write this close to the end of a complete plain dump (before \unrestrict, if any).
 PLAIN_TRAILERS = (b"-- PostgreSQL database dump complete", b"-- PostgreSQL database cluster dump complete")
 TAIL = 4096
-SCRATCH_PREFIX = "backup_sidecar_restore_test_"
-
-_TABLES_SQL = """
-SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind = 'r' AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
-ORDER BY 1
-"""
 
 
 class ArchiveInvalid(SidecarError):
@@ -94,24 +78,30 @@ class Report:
 
 def _tool_env() -> dict[str, str]:
     """pg_restore --file needs no connection, so it gets no credentials at all."""
-    return {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR") if k in os.environ}
+    return scratch_env()
 
 
 def check_custom(chunks: Iterable[bytes]) -> str:
-    with Feed(["pg_restore", "--file=/dev/null"], _tool_env(),
-              "the custom archive is damaged or incomplete") as feed:
+    with Child(["pg_restore", "--file=/dev/null"], _tool_env(), feeds=True,
+               hint="the custom archive is damaged or incomplete") as feed:
         for chunk in chunks:
             feed.write(chunk)
         feed.finish()
     return "custom archive readable to the end"
 
 
-def check_plain(chunks: Iterable[bytes]) -> str:
+def _tail(chunks: Iterable[bytes]) -> tuple[bytes, int]:
+    """The last TAIL bytes of a stream read to its end, and its length."""
     tail = b""
     total = 0
     for chunk in chunks:
         total += len(chunk)
         tail = (tail + chunk)[-TAIL:]
+    return tail, total
+
+
+def check_plain(chunks: Iterable[bytes]) -> str:
+    tail, total = _tail(chunks)
     if not any(trailer in tail for trailer in PLAIN_TRAILERS):
         raise ArchiveInvalid(
             f"the SQL ({format_size(total)}) does not end with pg_dump's \"dump complete\" trailer, so the dump was "
@@ -162,17 +152,45 @@ ARCHIVE_CHECKS: dict[str, Callable[[Iterable[bytes]], str]] = {
 }
 
 
+def check_mariadb(chunks: Iterable[bytes]) -> str:
+    from app.engines.mysql_stream import TRAILER
+
+    tail, total = _tail(chunks)
+    if TRAILER not in tail:
+        raise ArchiveInvalid(
+            f"the SQL ({format_size(total)}) does not end with mariadb-dump's \"Dump completed\" trailer, so the "
+            "dump was cut short (hint: this backup is incomplete; use another one)")
+    return "SQL complete (mariadb-dump trailer present)"
+
+
+def archive_check(manifest: Manifest) -> Callable[[Iterable[bytes]], str] | None:
+    """How to read this backup's archive to the end: by engine, then format."""
+    if manifest.engine_name == "mariadb":
+        return check_mariadb if manifest.format == "plain" else None
+    if manifest.engine_name == "sqlite":
+        from app.engines.sqlite import check_image
+
+        return check_image
+    return ARCHIVE_CHECKS.get(manifest.format)
+
+
 def verify_copy(target: Target, manifest: Manifest) -> Check:
     """Stream one copy and check bytes, compression and archive; never raises for a bad copy."""
     t0 = time.monotonic()
-    check_archive = ARCHIVE_CHECKS.get(manifest.format)
+    check_archive = archive_check(manifest)
     if check_archive is None:
         return Check(manifest.id, target.name, False, f"unknown format {manifest.format!r} in the manifest "
                      "(hint: written by a newer version? upgrade the sidecar)")
     stored: Iterator[bytes] | None = None
     try:
         stored = stored_chunks(target, manifest)
-        detail = check_archive(decompress(stored, compression_of(manifest)))
+        archive: Iterator[bytes] = stored
+        if manifest.encryption:
+            opened = _decryptable(target, manifest, stored)
+            if isinstance(opened, Check):
+                return opened
+            archive, stored = opened, None  # through age, age's own error tells damage from a bad backup
+        detail = check_archive(decompress(archive, compression_of(manifest)))
     except (IntegrityError, TargetError) as exc:
         return Check(manifest.id, target.name, False, mask(str(exc)))
     except (CorruptArchive, SidecarError) as exc:
@@ -180,6 +198,28 @@ def verify_copy(target: Target, manifest: Manifest) -> Check:
     seconds = time.monotonic() - t0
     return Check(manifest.id, target.name, True,
                  f"{format_size(manifest.size_bytes)}, size and sha256 ok, {detail} ({seconds:.1f}s)")
+
+
+def _decryptable(target: Target, manifest: Manifest, stored: Iterator[bytes]) -> Iterator[bytes] | Check:
+    """The decrypted stream of an encrypted backup, or the verdict when it cannot be decrypted here: without
+    AGE_IDENTITY_FILE the size and SHA-256 are still checked (the archive check is skipped, and said so); an
+    identity that is none of the backup's recipients (a key rotated out too early) fails the copy."""
+    size = format_size(manifest.size_bytes)
+    key = encryption.identity()
+    recipients = set((manifest.encryption or {}).get("recipients") or [])
+    if key is not None:
+        opens = encryption.identity_fingerprints(key)
+        if not opens or opens & recipients:
+            return encryption.decrypted(stored, key, manifest.id)
+    for _ in stored:  # size and SHA-256 of the ciphertext: raises IntegrityError on a damaged copy
+        pass
+    if key is None:
+        return Check(manifest.id, target.name, True, f"{size}, size and sha256 ok; archive check skipped: the "
+                     "backup is encrypted and AGE_IDENTITY_FILE is not set")
+    return Check(manifest.id, target.name, False, f"{size}, size and sha256 ok, but no configured identity opens "
+                 f"it: it is encrypted to {', '.join(sorted(recipients))} and AGE_IDENTITY_FILE opens "
+                 f"{', '.join(sorted(opens))} (hint: keep a retired key's identity in AGE_IDENTITY_FILE, which may "
+                 "hold several, until the last backup encrypted to it has expired)")
 
 
 def _blame(exc: Exception, stored: Iterator[bytes] | None, manifest: Manifest) -> str:
@@ -190,6 +230,11 @@ def _blame(exc: Exception, stored: Iterator[bytes] | None, manifest: Manifest) -
     except (IntegrityError, TargetError) as integrity:
         return f"{mask(str(integrity))} [{manifest.format}: {mask(str(exc))}]"
     text = mask(str(exc))
+    if "unsupported version" in text and "file header" in text:
+        return (f"{mask(getattr(exc, 'message', text))}; the stored bytes match the manifest: this is version skew, "
+                f"not damage: the archive was written by pg_dump {manifest.pg_dump_version or '?'}, newer than "
+                "this pg_restore can read (hint: verify or restore with an image whose postgresql-client is at "
+                "least that version)")
     if "hint:" not in text:
         text += " (hint: use another backup)"
     return f"{text}; the stored bytes match the manifest, so the backup was bad when it was made"
@@ -221,46 +266,18 @@ def _missing(target: Target, m: Manifest) -> str:
             "or was changed; restore from another target or backup)")
 
 
-# --- restore test -------------------------------------------------------------------------------------------
+# --- restore test: a drill (app/drills.py) -------------------------------------------------------------------
 
 
-def restore_test(settings: Settings, target: Target, manifest: Manifest) -> Check:
-    """Restore into a scratch database, count tables and rows, and drop it whatever happened."""
-    name = f"{SCRATCH_PREFIX}{secrets.token_hex(4)}"
-    try:
-        create_database(settings, name)
-    except SidecarError as exc:
-        return Check(manifest.id, "restore-test", False, mask(str(exc)))
-    drop_error: str | None = None
-    try:
-        ok, detail = _restore_and_count(settings, target, manifest, name)
-    finally:
-        try:
-            drop_database(settings, name)
-        except SidecarError as exc:
-            drop_error = mask(str(exc))
-            log.error("scratch database %s was not dropped: %s", name, drop_error)
-    if drop_error:
-        return Check(manifest.id, "restore-test", False, f"{detail}; scratch database {name} could NOT be dropped: "
-                     f"{drop_error}")
-    return Check(manifest.id, "restore-test", ok, f"{detail}; scratch database dropped")
-
-
-def _restore_and_count(settings: Settings, target: Target, manifest: Manifest, name: str) -> tuple[bool, str]:
-    try:
-        t0 = time.monotonic()
-        stream_into_database(settings, target, manifest, name, clean=False)
-        seconds = time.monotonic() - t0
-        with pg.connect(settings.db, name) as conn:
-            tables = [row[0] for row in conn.execute(_TABLES_SQL).fetchall()]
-            rows = 0
-            for table in tables:
-                row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608 - quoted by format(%I)
-                rows += int(row[0]) if row else 0
-    except (SidecarError, psycopg.Error) as exc:
-        reason = mask(str(exc)).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        return False, f"restore from {target.name} into {name} failed: {reason}"
-    return True, f"from {target.name}: {len(tables)} tables, {rows} rows, restored in {seconds:.1f}s"
+def restore_test(drill: Drill, entry: Entry, source: Target) -> Check:
+    """Restore into a scratch database on the drill server, compare with the manifest, record the drill."""
+    record = drill.run(entry, source)
+    errors = store(drill.targets, entry, record)
+    detail = record.detail() + "; scratch database dropped" if "could NOT be dropped" not in record.detail() \
+        else record.detail()
+    if errors:
+        detail += "; " + "; ".join(errors)
+    return Check(entry.id, "restore-test", record.ok, detail)
 
 
 # --- choosing what to verify ------------------------------------------------------------------------------
@@ -314,6 +331,7 @@ def verify(settings: Settings, targets: Sequence[Target], ref: str = "latest", *
            emit: Callable[[str], None] = print) -> Report:
     """Verify the chosen backups on every target holding them, printing one line per check as it completes."""
     report = Report()
+    drill = Drill(settings, targets)
     entries = select_entries(targets, ref, all_, database, report)
     for check in report.checks:
         emit(check.line())
@@ -324,22 +342,34 @@ def verify(settings: Settings, targets: Sequence[Target], ref: str = "latest", *
             report.checks.append(check)
             emit(check.line())
         if restore_tests:
-            check = _restore_test_for(settings, entry, targets, checks)
+            check = _restore_test_for(drill, entry, targets, checks)
+            report.checks.append(check)
+            emit(check.line())
+    if ref == "latest" or all_:
+        for check in _wal_checks(targets, entries):
             report.checks.append(check)
             emit(check.line())
     emit(report.summary())
     return report
 
 
-def _restore_test_for(settings: Settings, entry: Entry, targets: Sequence[Target], checks: list[Check]) -> Check:
+def _wal_checks(targets: Sequence[Target], entries: list[Entry]) -> list[Check]:
+    """Point-in-time recovery: WAL gaps, and each verified base backup's own WAL range (app/wal.py)."""
+    from app.wal import verify_archive
+
+    bases = [e.manifest for e in entries if e.manifest.kind == "base"]
+    return [Check(subject, where, ok, detail) for subject, where, ok, detail in verify_archive(targets, bases)]
+
+
+def _restore_test_for(drill: Drill, entry: Entry, targets: Sequence[Target], checks: list[Check]) -> Check:
     m = entry.manifest
-    if m.kind != "database" or m.format not in ("custom", "plain"):
+    if m.kind != "database" or m.format not in ("custom", "plain", "sqlite"):
         return Check(entry.id, "restore-test", True, f"skipped: a {m.kind} archive is not restored into a database")
     intact = {c.where for c in checks if c.ok}
     source = next((t for t in targets if t.name in intact), None)
     if source is None:
         return Check(entry.id, "restore-test", False, "not run: no intact copy to restore from")
-    return restore_test(settings, source, m)
+    return restore_test(drill, entry, source)
 
 
 def verify_command(settings: Settings, ref: str, all_: bool, database: str | None, restore_test: bool,

@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchlib import s3_server  # noqa: E402  (scripts/ is on sys.path when run as a script)
 from local_pg import start_cluster  # noqa: E402
 
-from app.backup import backup_database  # noqa: E402
 from app.cancel import CancelToken  # noqa: E402
 from app.durations import format_size  # noqa: E402
+from app.pgdump import backup_database  # noqa: E402
 from app.restore import restore  # noqa: E402
 from app.settings import Settings, load_settings  # noqa: E402
 from app.targets import make_targets  # noqa: E402

@@ -140,3 +140,29 @@ def test_globals_without_superuser_rights_warn_and_leave_passwords_out(cli: Cli,
     assert any("not a superuser" in w for w in manifest["warnings"]), manifest["warnings"]
     assert "not a superuser" in result.stderr
     assert "SCRAM-SHA-256$" not in _globals_sql(nas)
+
+
+def test_star_applies_the_same_naming_rule_as_explicit_names(cli: Cli, cluster: PgServer, nas: Path) -> None:
+    """Issue 10 #8: a name that cannot be listed, restored or pruned is never backed up "ok"; `_globals` never
+    shares a retention group with the globals artifact. The others are backed up; the run exits 1."""
+    odd = [".hidden", "a/b", "_globals"]
+    for name in odd:
+        make_db(cluster, name, rows=5)
+    make_db(cluster, "shop", rows=5)
+    try:
+        env = {**cluster.env(POSTGRES_DB="*", POSTGRES_DB_EXCLUDE="postgres,blog,scratch_*,slow_one,quick_one"),
+               "NAS_PATH": str(nas), "BACKUP_GLOBALS": "true"}
+        result = cli.run("backup", env=env)
+        assert result.returncode == 1
+        assert "3 of 5 backup(s) failed" in result.stderr
+        assert "database name '.hidden' cannot be used in a backup path" in result.stderr
+        assert "database name 'a/b' cannot be used in a backup path" in result.stderr
+        assert "a database named '_globals' would share its backups with the cluster's globals" in result.stderr
+        assert sorted(p.name for p in nas.iterdir() if not p.name.startswith(".")) == ["_globals", "shop"]
+        assert {m["kind"] for m in ok_manifests(nas).values()} == {"database", "globals"}
+        assert ok_manifests(nas)["_globals"]["kind"] == "globals"
+        explicit = cli.run("backup", env={**env, "POSTGRES_DB": ".hidden"})
+        assert explicit.returncode == 2 and "database name '.hidden' cannot be used in a backup path" in explicit.stderr
+    finally:
+        for name in odd:
+            cluster.drop_db(name)

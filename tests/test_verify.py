@@ -131,8 +131,8 @@ def test_restore_test_counts_tables_and_rows_and_drops_the_scratch_database(
     ident = backup(cli, env)
     result = cli.run("verify", "--restore-test", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(rf"^ok +{ident} +restore-test from nas: 2 tables, 2002 rows, restored in [\d.]+s; "
-                     "scratch database dropped", result.stdout, re.M)
+    assert re.search(rf"^ok +{ident} +restore-test from nas: 2 tables, 2002 rows \(exact\), \d+ objects compared, "
+                     rf"RTO [\d.]+s on 127.0.0.1:{pg.port}; scratch database dropped", result.stdout, re.M)
     assert scratch_databases(pg) == []
 
 
@@ -168,3 +168,19 @@ def test_verify_with_no_backup_fails_and_says_so(cli: Cli, env: dict[str, str]) 
     result = cli.run("verify", env=env)
     assert result.returncode == 1
     assert "no ok backup" in result.stdout and "hint:" in result.stdout
+
+
+def test_a_drill_as_a_role_that_is_no_superuser_says_it_left_owners_and_grants_out(
+        cli: Cli, env: dict[str, str], pg: PgServer) -> None:
+    db = env["POSTGRES_DB"]
+    role = f"plain_{db}"
+    pg.psql("postgres", f"CREATE ROLE {role} LOGIN CREATEDB PASSWORD '{CANARY}' IN ROLE pg_read_all_data")
+    pg.psql(db, f"CREATE ROLE owner_{db}; ALTER TABLE notes OWNER TO owner_{db}; GRANT SELECT ON items TO {role}")
+    as_role = {**env, "POSTGRES_USER": role}
+    ident = backup(cli, as_role)
+    result = cli.run("verify", "--restore-test", env=as_role)
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = next(x for x in result.stdout.splitlines() if "restore-test" in x)
+    assert line.startswith(f"ok      {ident}") and "2 tables, 2002 rows (exact)" in line, line
+    assert f"owners and grants left out ({role} is not a superuser on the drill server" in line
+    assert scratch_databases(pg) == []
