@@ -1,4 +1,9 @@
-"""Never twice on one volume: an flock on LOCK_FILE around every backup, prune and restore.
+"""Never twice on one volume: flocks on LOCK_FILE and its sibling ``LOCK_FILE.readers``.
+
+The scheme (``run_lock``): a backup holds LOCK_FILE exclusively (one writer of new backups); a restore holds
+``.readers`` shared (it only reads backups, so it neither waits for a backup nor blocks one, and restores do
+not block each other); prune holds both exclusively, so it waits for backups and restores alike and never
+deletes what a restore is reading.
 
 ``flock`` belongs to the open file, so the kernel drops it the moment its holder dies, even by ``kill -9``:
 a stale lock can never block the next run, and nothing has to guess whether a recorded pid is still alive.
@@ -18,13 +23,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from app.cancel import Cancelled, CancelToken
 from app.durations import format_duration
 from app.errors import SidecarError
+from app.leases import FileLease
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,8 @@ class Holder:
     pid: int
     since: str  # UTC ISO
     what: str
+    #: the held lock as a lease (set for the holder itself, not for a holder read back from the file)
+    lease: FileLease | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         return f"{self.host} since {self.since} (pid {self.pid}, {self.what})"
@@ -48,12 +56,12 @@ class Holder:
 class LockBusy(SidecarError):
     """Another run holds the lock; str() names the holder. Callers skip (exit 0), they do not fail."""
 
-    def __init__(self, what: str, holder: Holder | None, path: Path) -> None:
+    def __init__(self, what: str, holder: Holder | None, path: Path, message: str | None = None) -> None:
         self.what = what
         self.holder = holder
         self.path = path
         who = holder.describe() if holder else f"another process (lock file {path})"
-        super().__init__(f"{what}: already running on {who}, skipping")
+        super().__init__(message or f"{what}: already running on {who}, skipping")
 
 
 class LockError(SidecarError):
@@ -90,9 +98,9 @@ def read_holder(path: Path) -> Holder | None:
         return None
 
 
-def _try_lock(fd: int) -> bool:
+def _try_lock(fd: int, shared: bool = False) -> bool:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         return False
@@ -132,10 +140,12 @@ def file_lock(
     timeout_s: float = 0.0,
     create_parent: bool = False,
     cancel: CancelToken | None = None,
+    shared: bool = False,
 ) -> Iterator[Holder]:
-    """Hold an exclusive flock on ``path`` for the block; raise LockBusy after ``timeout_s`` of waiting.
+    """Hold an exclusive (or ``shared``) flock on ``path`` for the block; raise LockBusy after ``timeout_s``.
 
-    Re-entrant within one thread, so an operation that holds the lock can call another that takes it.
+    Re-entrant within one thread, so an operation that holds the lock can call another that takes it. A
+    shared holder records nothing in the file (several hold it at once); an exclusive one records itself.
     """
     key = str(path)
     me = threading.get_ident()
@@ -148,7 +158,7 @@ def file_lock(
     try:
         deadline = time.monotonic() + max(timeout_s, 0.0)
         waited = False
-        while not _try_lock(fd):
+        while not _try_lock(fd, shared):
             if time.monotonic() >= deadline:
                 raise LockBusy(what, _busy_holder(path), path)
             if cancel is not None and cancel.cancelled:
@@ -165,25 +175,53 @@ def file_lock(
             time.sleep(_POLL_S)
         with _held_guard:
             _held[key] = me
+        lease = FileLease(path, fd, what)
         try:
-            _record(fd, host, what)
-            holder = read_holder(path) or Holder(host, os.getpid(), "", what)
-            yield holder
+            if not shared:
+                _record(fd, host, what)
+            found = read_holder(path) if not shared else None
+            yield Holder(host, os.getpid(), found.since if found else "", what, lease)
         finally:
+            lease.release()
             with _held_guard:
                 _held.pop(key, None)
-            try:
-                os.ftruncate(fd, 0)
-            except OSError:
-                pass  # the record is informative only; the flock goes with the close below
+            if not shared:
+                try:
+                    os.ftruncate(fd, 0)
+                except OSError:
+                    pass  # the record is informative only; the flock goes with the close below
     finally:
         os.close(fd)
 
 
+def readers_path(path: Path) -> Path:
+    """The sibling lock that restores share and prune takes exclusively."""
+    return path.with_name(path.name + ".readers")
+
+
 @contextmanager
 def run_lock(settings: Settings, what: str, cancel: CancelToken | None = None) -> Iterator[Holder]:
-    """The lock on LOCK_FILE, waiting up to LOCK_TIMEOUT (or until ``cancel``); LockBusy names the holder."""
+    """The locks ``what`` needs (module docstring), waiting up to LOCK_TIMEOUT (or until ``cancel``).
+
+    ``backup``: LOCK_FILE. ``restore``: LOCK_FILE.readers, shared. ``prune``: both, exclusive. LockBusy names
+    the holder (for a restore in the way of prune: the lock file, since shared holders record nothing).
+    """
     path = settings.lock.path
     create_parent = bool(settings.nas and settings.nas.create_missing and path.parent == settings.nas.path)
-    with file_lock(path, what, settings.hostname, settings.lock.timeout_s, create_parent, cancel) as holder:
-        yield holder
+    timeout, host = settings.lock.timeout_s, settings.hostname
+    if what == "restore":
+        with file_lock(readers_path(path), what, host, timeout, create_parent, cancel, shared=True) as holder:
+            yield holder
+        return
+    with file_lock(path, what, host, timeout, create_parent, cancel) as holder:
+        if what != "prune":
+            yield holder
+            return
+        try:
+            with file_lock(readers_path(path), what, host, timeout, create_parent, cancel):
+                yield holder
+        except LockBusy as busy:
+            if busy.path != readers_path(path):
+                raise
+            raise LockBusy(what, None, busy.path, f"{what}: a restore is reading the backups (lock file "
+                           f"{busy.path}), skipping so nothing it reads is deleted") from None

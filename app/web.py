@@ -1,7 +1,8 @@
-"""/health and /metrics: a small Flask app served by waitress on its own thread.
+"""/health, /metrics, the status page and /api/v1: a small Flask app served by waitress on its own thread.
 
-Handlers only evaluate what the health monitor already holds in memory, so they answer in microseconds
-whatever the targets or a running backup are doing.
+Handlers only evaluate what the health monitor already holds in memory (the status page also what its model
+built from that memory), so they answer in milliseconds whatever the targets or a running backup are doing.
+STATUS_TOKEN guards the page and /api/v1; /health and /metrics stay open for probes and scrapers.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import socket
 import threading
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 from waitress.server import create_server
 
 from app.errors import SidecarError
 from app.health import HealthMonitor
 from app.metrics import CONTENT_TYPE, Metrics
+from app.status import api as status_api
+from app.status import auth
+from app.status import page as status_page
+from app.status.model import StatusCache
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +39,36 @@ def make_app(monitor: HealthMonitor, metrics: Metrics) -> Flask:
     def metrics_view() -> Response:
         return Response(metrics.render(), 200, {"Content-Type": CONTENT_TYPE, "Cache-Control": "no-store"})
 
-    @app.get("/")
-    def index() -> Response:
-        return _json({"service": "backup-sidecar", "endpoints": ["/health", "/metrics"]}, 200)
+    token = monitor.settings.health.status_token
 
+    @app.get("/api/v1/openapi.json")
+    def openapi() -> Response:  # open like /health: it describes the API and holds no data
+        return _json(status_api.openapi_doc(protected=token is not None), 200)
+
+    cache = StatusCache(monitor)
+    cache.start()
+    app.extensions["status_cache"] = cache
+    for bp in (status_page.blueprint(monitor, cache), status_api.blueprint(monitor, cache)):
+        bp.before_request(lambda: None if auth.authorized(request, token) else _unauthorized())
+        bp.after_request(_hardened)
+        app.register_blueprint(bp)
+    app.jinja_env.get_template("status.html")  # compiled now, not by the first visitor
     return app
+
+
+def _unauthorized() -> Response:
+    return status_api.json_response(
+        {"error": "this page needs STATUS_TOKEN (hint: send it as `Authorization: Bearer TOKEN`, or as the "
+                  "password of basic auth with any user name)"}, 401, auth.challenge())
+
+
+def _hardened(response: Response) -> Response:
+    """The page runs no script and loads nothing; a browser is told so, and never to frame it."""
+    response.headers.setdefault("Content-Security-Policy",
+                                "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    return response
 
 
 def _json(doc: dict[str, Any], status: int) -> Response:
@@ -83,7 +113,7 @@ class WebServer:
 
     def start(self) -> None:
         self.thread.start()
-        log.info("serving /health and /metrics on http://%s:%d", self.host, self.port)
+        log.info("serving /health, /metrics and the status page on http://%s:%d", self.host, self.port)
 
     def stop(self) -> None:
         """Close the connections and the listener; the serving thread ends on its next poll."""

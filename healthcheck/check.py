@@ -27,7 +27,7 @@ STATE_NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNK
 CODE_BY_STATUS = {"ok": OK, "warning": WARNING, "critical": CRITICAL}
 DEFAULT_WARN_AGE, DEFAULT_CRIT_AGE = "26h", "48h"
 MAX_BODY = 1 << 20
-MAX_DETAIL = 200
+MAX_DETAIL = 1000  # an error with its hint fits; Nagios keeps 8 KB of plugin output, Docker 4 KB
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -195,8 +195,8 @@ def _format(payload: dict[str, Any], warn_s: int, crit_s: int) -> tuple[int, str
         raise _shape('"checks" is not a list of objects')
 
     parts: list[str] = []
+    error = _one_line(str(last_run.get("error") or "")) if last_run is not None else ""
     if last_run is not None and last_run.get("status") == "failed":
-        error = last_run.get("error")
         parts.append(f"last run failed: {_detail(error)}" if error else "last run failed")
     if success is None:
         age_value = "U"
@@ -211,8 +211,10 @@ def _format(payload: dict[str, Any], warn_s: int, crit_s: int) -> tuple[int, str
     if code != OK:
         worst = _worst_check(checks)
         if worst is not None:
-            message = _detail(worst.get("message") or worst.get("status"))
-            if not any(message in part for part in parts):
+            raw = _one_line(str(worst.get("message") or worst.get("status")))
+            message = _detail(raw)
+            said = any(message in part for part in parts) or (error and error in raw)  # each thing once
+            if not said:
                 name = worst.get("name")
                 parts.append(f"{_detail(name)}: {message}" if name else message)
     text = "; ".join(parts)

@@ -8,8 +8,9 @@ from pathlib import Path
 import psycopg
 from conftest import CANARY, Cli, PgServer, S3Server, free_port
 from test_runtime import manifests, small_db, wait_for_early_minute
+from truth_support import fixed_slot_env
 
-from app.coordination import app_name, lock_key, slot_of
+from app.coordination import app_name, lock_key
 from app.manifest import Manifest
 
 
@@ -29,6 +30,7 @@ def test_four_replicas_started_together_make_exactly_one_backup(
     procs = [
         cli.popen(
             "backup",
+            "--scheduled",
             env=pg.env(
                 POSTGRES_DB=db,
                 BACKUP_HOSTNAME=f"replica-{i}",
@@ -55,20 +57,30 @@ def test_four_replicas_started_together_make_exactly_one_backup(
     assert CANARY not in "".join(out + err for _, out, err in outcomes)
 
 
-def test_same_slot_is_skipped_and_force_backs_up_again(cli: Cli, pg: PgServer, nas: Path) -> None:
+def test_scheduled_runs_skip_a_done_slot_manual_runs_always_back_up_and_force_deletes_nothing(
+    cli: Cli, pg: PgServer, nas: Path
+) -> None:
     db = small_db(pg)
-    env = pg.env(POSTGRES_DB=db, NAS_PATH=str(nas), BACKUP_HOSTNAME="host-a")
-    wait_for_early_minute(40)
-    cli.run("backup", env=env, check=True)
+    env = pg.env(POSTGRES_DB=db, NAS_PATH=str(nas), BACKUP_HOSTNAME="host-a", **fixed_slot_env())
+    cli.run("backup", "--scheduled", env=env, check=True)
     (first,) = manifests(nas)
-    assert first.slot == slot_of(first.started_at)
-    again = cli.run("backup", env={**env, "BACKUP_HOSTNAME": "host-b"})
+    assert first.slot and first.slot.endswith(env["BACKUP_SCHEDULE"] + "Z"), "the slot is the BACKUP_SCHEDULE time"
+    again = cli.run("backup", "--scheduled", env={**env, "BACKUP_HOSTNAME": "host-b"})
     assert again.returncode == 0
     assert f"skipped: {db}: slot {first.slot} already backed up as {first.id} by host-a, skipping" in again.stderr
     assert len(manifests(nas)) == 1
-    forced = cli.run("backup", "--force", env=env)
-    assert forced.returncode == 0, forced.stderr
-    assert len([m for m in manifests(nas) if m.ok]) == 2
+    # a manual run is never hidden behind the slot: its own failure shows at once
+    wrong = cli.run("backup", env={**env, "POSTGRES_PASSWORD": "not-the-password"})
+    assert wrong.returncode == 1 and "skipped" not in wrong.stderr, wrong.stderr
+    assert "password authentication failed" in wrong.stderr
+    forced = cli.run("backup", "--scheduled", "--force", env=env)
+    manual = cli.run("backup", env=env)
+    assert forced.returncode == 0 and manual.returncode == 0, forced.stderr + manual.stderr
+    ok = [m for m in manifests(nas) if m.ok]
+    assert len(ok) == 3, "PRUNE_AFTER_BACKUP deleted a backup of the same minute"
+    assert first.id in {m.id for m in ok}
+    assert [m.slot for m in ok if m.id != first.id] == [None, None], "forced and manual backups carry no slot"
+    assert "deleted 1" not in forced.stdout + forced.stderr + manual.stdout + manual.stderr
 
 
 def test_a_failed_run_in_the_slot_does_not_stop_a_retry(cli: Cli, pg: PgServer, nas: Path) -> None:

@@ -14,11 +14,12 @@ from conftest import CANARY, Cli, PgServer
 from sample_data import build_sample
 
 from app import layout
-from app.backup import BackupFailed, dump_artifact, run_artifact
+from app.backup import BackupFailed, run_artifact
 from app.cancel import CancelToken
+from app.pgdump import dump_artifact
 from app.settings import ConfigError, load_settings
 from app.targets.base import Upload
-from app.targets.nas import NasTarget
+from app.targets.nas import MARKER, NasTarget
 
 
 class _BrokenDisk(NasTarget):
@@ -26,15 +27,15 @@ class _BrokenDisk(NasTarget):
 
     name = "broken"
 
-    def begin(self, key: str) -> Upload:
-        inner = super().begin(key)
+    def begin(self, key: str, size_hint: int | None = None) -> Upload:
+        inner = super().begin(key, size_hint)
 
         class Failing(Upload):
             def write(self, data: bytes) -> None:
                 raise OSError(30, "Read-only file system")
 
-            def commit(self) -> None:
-                inner.commit()
+            def commit(self, sha256: str | None = None) -> str | None:
+                return inner.commit(sha256)
 
             def abort(self) -> None:
                 inner.abort()
@@ -57,7 +58,7 @@ def test_cleanup_errors_never_hide_the_failure_or_skip_the_failed_manifest(pg: P
     # the healthy target got the failed manifest and no artifact, despite the broken one's failing abort
     [manifest_path] = good.rglob("*.manifest.json")
     assert json.loads(manifest_path.read_text())["status"] == "failed"
-    assert [p for p in good.rglob("*") if p.is_file()] == [manifest_path]
+    assert [p for p in good.rglob("*") if p.is_file() and p.name != MARKER] == [manifest_path]
 
 
 def test_files_name_that_clashes_with_a_database_is_refused(tmp_path: Path) -> None:
@@ -119,12 +120,18 @@ def test_killed_plain_restore_never_commits_a_partial_database(cli: Cli, pg: PgS
     proc = cli.popen("restore", "latest", "--db", src, "--to-db", dst, "--yes", env=env)
     psql = _find("psql", dst.encode())
     time.sleep(0.3)  # psql has received part of the dump
+    os.kill(psql, signal.SIGSTOP)  # it cannot finish before the sidecar dies, however fast the machine
     os.kill(proc.pid, signal.SIGKILL)  # no cleanup at all: psql just sees its input end
     proc.wait(10)
+    os.kill(psql, signal.SIGCONT)
     deadline = time.monotonic() + 30
     while Path(f"/proc/{psql}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     tables = pg.psql(dst, "SELECT count(*) FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', "
                           "'information_schema')")
     assert tables == "0", "a killed restore left a partial database behind"
+    staging = pg.psql("postgres", f"SELECT datname FROM pg_database WHERE datname LIKE 'bs\\_staging\\_%{dst}'")
+    assert staging, "the kill leaves the staging database behind, as the README says"
+    for name in staging.splitlines():
+        pg.drop_db(name)
     assert CANARY not in subprocess.run(["ps", "axww"], capture_output=True, text=True).stdout

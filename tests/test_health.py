@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import S3Server, free_port
+from conftest import S3Server, free_port, require_tool
 from test_runtime import HOUR, Sidecar, nas_target, plant, sidecars
 
 from app import layout
@@ -25,8 +26,9 @@ CHECK_HTTP = "/usr/lib/nagios/plugins/check_http"
 
 
 def monitor_for(env: dict[str, str], **kwargs: float) -> HealthMonitor:
-    settings = load_settings({"POSTGRES_DB": "app", **env})
-    monitor = HealthMonitor(settings, make_targets(settings), watch_loop=False, **kwargs)  # type: ignore[arg-type]
+    settings = load_settings({"POSTGRES_DB": "app", "NAS_REQUIRE_MOUNT": "false", **env})  # tmp dirs, no mounts
+    monitor = HealthMonitor(settings, make_targets(settings), watch_loop=False, read_server=False,
+                            **kwargs)  # type: ignore[arg-type]
     monitor.refresh_all(wait=20)
     return monitor
 
@@ -213,12 +215,13 @@ def test_health_answers_within_a_second_while_s3_hangs(sidecar, nas: Path, hangi
 
 
 def test_nagios_check_http_and_the_health_command_read_the_verdict(sidecar, cli, nas: Path) -> None:
+    check_http = require_tool(CHECK_HTTP, "monitoring-plugins-basic")
     plant(nas_target(nas), "app", age_s=HOUR)
     ok = sidecar({"NAS_PATH": str(nas), "POSTGRES_DB": "app"})
     ok.wait_for("ok", lambda d: d["status"] == "ok", timeout=30)
     nagios = subprocess.run(
         [
-            CHECK_HTTP,
+            check_http,
             "-H",
             "127.0.0.1",
             "-p",
@@ -244,7 +247,7 @@ def test_nagios_check_http_and_the_health_command_read_the_verdict(sidecar, cli,
     bad = sidecar({"NAS_PATH": str(nas), "POSTGRES_DB": "app"})
     bad.wait_for("critical", lambda d: d["status"] == "critical", timeout=30)
     nagios = subprocess.run(
-        [CHECK_HTTP, "-H", "127.0.0.1", "-p", str(bad.port), "-u", "/health", "-e", "200"],
+        [check_http, "-H", "127.0.0.1", "-p", str(bad.port), "-u", "/health", "-e", "200"],
         capture_output=True,
         text=True,
     )
@@ -286,3 +289,74 @@ def test_health_listeners_hear_each_status_change(nas: Path, tmp_path: Path) -> 
         rt.stop_signal = "TEST"
         loop.join(10)
     assert not loop.is_alive()
+
+
+def test_a_target_without_the_manifest_is_judged_only_a_while_after_another_showed_it(
+    nas: Path, s3: S3Server, bucket: str
+) -> None:
+    made = plant(nas_target(nas), "app", age_s=HOUR)  # on the NAS only: as if a replica were still writing S3
+    monitor = monitor_for({"NAS_PATH": str(nas), **s3.env(bucket)})
+    assert monitor.payload()["status"] == "ok"
+    monitor._first_seen[made.id] -= 60  # the NAS showed it a minute ago; S3 was read after that
+    doc = monitor.payload()
+    assert doc["status"] == "critical"
+    assert f"the newest backup {made.id} has no intact copy on s3" in check(doc, "copies")["message"]
+
+
+def test_missed_slots_count_from_the_newest_backup_or_the_start_and_escalate(nas: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from app.schedule_spec import parse_schedule
+
+    made = plant(nas_target(nas), "app", age_s=30)
+    settings = load_settings({"POSTGRES_DB": "app", "NAS_PATH": str(nas), "BACKUP_TIMEOUT": "10m",
+                              "CLOCK_SKEW_TOLERANCE": "1m"})
+    monitor = HealthMonitor(settings, make_targets(settings), watch_loop=False, read_server=False,
+                            schedule=parse_schedule("every 1h"))
+    monitor.refresh_all(wait=10)
+    monitor.started_wall = made.started_at - timedelta(days=1)
+    base = made.started_at.replace(minute=0, second=0) + timedelta(hours=1)  # the next fire time
+    for hours_later, status, missed in ((0, "ok", 1), (1, "warning", 2), (2, "critical", 3)):
+        at = base + timedelta(hours=hours_later, minutes=11)  # BACKUP_TIMEOUT + tolerance after the fire
+        doc = monitor.payload(now=at)
+        slots = check(doc, "slots")
+        assert (slots["status"], slots["missed_slots"]) == (status, missed), (hours_later, slots)
+    assert monitor.payload(now=base + timedelta(minutes=5))["status"] == "ok", "a slot still running is not missed"
+    assert datetime.now(UTC) > made.started_at
+
+
+def test_minimal_detail_keeps_the_fields_and_drops_paths(tmp_path: Path) -> None:
+    secret_path = tmp_path / "not-mounted-secret-path"
+    doc = monitor_for({"NAS_PATH": str(secret_path), "HEALTH_DETAIL": "minimal",
+                       "BACKUP_HOSTNAME": "node-secret"}).payload()
+    assert set(doc) >= {"status", "code", "last_success", "last_run", "next_run_at", "checks"}
+    assert "host" not in doc
+    assert str(secret_path) not in str(doc) and "node-secret" not in str(doc)
+    assert check(doc, "target:nas")["message"] == "nas: cannot be read"
+
+
+@pytest.mark.parametrize("where", ["nas", "s3"])
+def test_refreshes_fetch_only_new_or_replaced_manifests(where: str, nas: Path, s3: S3Server, bucket: str) -> None:
+    """A year of history must not cost a GET per manifest per minute; a replaced manifest is still seen."""
+    env = {"NAS_PATH": str(nas)} if where == "nas" else s3.env(bucket)
+    monitor = monitor_for(env)
+    [view] = monitor.views
+    target = view.target
+    made = [plant(target, "app", age_s=HOUR * (3 + i)) for i in range(5)]
+    monitor.refresh_all(wait=20)
+    assert view.cache.fetched == 5 and len(view.entries or []) == 5
+    monitor.refresh_all(wait=20)
+    assert view.cache.fetched == 5  # nothing changed: no GET
+    plant(target, "app", age_s=HOUR)
+    failed = made[0]
+    time.sleep(1.1)  # S3 lists modification times to the second
+    key = layout.manifest_key("app", failed.started_at)
+    target.replace_bytes(key, dataclasses.replace(failed, status="failed", error="replaced").to_json())
+    monitor.refresh_all(wait=20)
+    assert view.cache.fetched == 7  # the new one and the replaced one
+    entry = next(e for e in view.entries or [] if e.id == failed.id)
+    assert entry.status == "failed"
+    target.delete(key)
+    target.delete(failed.artifact)
+    monitor.refresh_all(wait=20)
+    assert failed.id not in {e.id for e in view.entries or []} and view.cache.fetched == 7

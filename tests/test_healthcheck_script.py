@@ -365,7 +365,7 @@ def test_usage_errors_are_unknown_not_critical(
 def test_sidecar_text_cannot_break_the_status_line() -> None:
     payload = {
         **CRITICAL_PAYLOAD,
-        "last_run": {"status": "failed", "error": "pg_dump: error:\n  a | b\n" + "x" * 300},
+        "last_run": {"status": "failed", "error": "pg_dump: error:\n  a | b\n" + "x" * 3000},
         "checks": [],
     }
     code, line = format_status(payload, 60, 120)
@@ -374,6 +374,24 @@ def test_sidecar_text_cannot_break_the_status_line() -> None:
     assert line.count("|") == 1
     assert line.startswith("BACKUP CRITICAL - last run failed: pg_dump: error: a / b xxx")
     assert "...; last backup 2d3h ago (app-20261120T030000Z) | age=183600s;60;120" in line
+
+
+def test_a_failed_run_is_said_once_and_whole() -> None:
+    """The last run's error and the critical check that carries it are one fact: one mention, not cut."""
+    error = ("app: user@db:5432/app: password authentication failed for user \"backup\" (hint: check "
+             "POSTGRES_PASSWORD / POSTGRES_PASSWORD_FILE and POSTGRES_USER)") + " and more" * 20
+    payload = {
+        **CRITICAL_PAYLOAD,
+        "last_run": {"status": "failed", "finished_at": "2026-11-22T03:00:41Z", "error": error},
+        "checks": [{"name": "last_run", "status": "critical",
+                    "message": f"app: app-20261122T030000Z failed: {error}"}],
+    }
+    code, line = format_status(payload, 60, 120)
+    assert code == 2
+    assert line.count("password authentication failed") == 1, line
+    assert error in line, "the error is cut"
+    assert line == f"BACKUP CRITICAL - last run failed: {error}; last backup 2d3h ago (app-20261120T030000Z) " \
+                   "| age=183600s;60;120"
 
 
 def test_worst_check_is_named_only_when_not_ok() -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Cli, PgServer
+from conftest import Cli, PgServer, require_tool
 from prometheus_client.parser import text_string_to_metric_families
 from test_runtime import HOUR, Sidecar, manifests, nas_target, plant, sidecars, small_db
 
@@ -34,7 +34,8 @@ def scrape(s: Sidecar) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]
 
 
 def promtool_check(text: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    promtool = require_tool(PROMTOOL, "prometheus")
+    return subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
 
 
 def test_metrics_pass_promtool_and_describe_the_run(sidecar, pg: PgServer, nas: Path) -> None:

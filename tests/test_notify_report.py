@@ -160,3 +160,11 @@ def test_clean_week_reports_ok(tmp_path: Path) -> None:
     event = messages.weekly_report(report)
     assert event.subject == "[backup-sidecar] weekly report on db-host-1: all 1 database(s) OK"
     assert event.status == "ok" and "app: OK\n" in event.text
+
+
+def test_a_database_that_is_no_longer_a_unit_is_retired_not_attention(target: NasTarget) -> None:
+    report = build_report(load_catalog([target]), "db-host-1", databases=("*",), now=NOW, expected=["app"])
+    by_name = {s.database: s for s in report.databases}
+    assert by_name["shop"].retired and by_name["shop"].problems == []
+    assert "shop: RETIRED: no longer backed up" in report.render()
+    assert by_name["app"].problems == ["1 failed this week", "1 broken"]

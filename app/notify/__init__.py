@@ -110,14 +110,13 @@ class Notifier:
         self._run_failures: list[str] = []
         self._run_ok: list[str] = []
         self._closed = False
-        if self.on != "never" and self._email is None and self._webhook is None:
-            log.warning("no notification channel is configured (SMTP_HOST+MAIL_TO or WEBHOOK_URL): failures "
-                        "show only in the log, /health and /metrics")
 
     @classmethod
     def from_settings(cls, settings: Settings, **kwargs: Any) -> Notifier:
         """The notifier for these settings; keyword arguments as for the constructor (tests pass backoff_s)."""
-        kwargs.setdefault("databases", settings.db.databases)
+        from app.units import static_units
+
+        kwargs.setdefault("databases", tuple(u.name for u in static_units(settings)) or settings.db.databases)
         kwargs.setdefault("tz", settings.schedule.tz)
         return cls(settings.notify, settings.hostname, **kwargs)
 
@@ -131,6 +130,14 @@ class Notifier:
         parts = [c.describe() for c in (self._email, self._webhook, self._ping) if c is not None]
         report = str(self.report_schedule) if self.report_schedule else "off"
         return f"notifications: {', '.join(parts) or 'none'}; NOTIFY_ON={self.on}; weekly report {report}"
+
+    def announce(self) -> None:
+        """The start-up lines of `run` (once per process; one-shot commands stay quiet): channels, and a
+        warning when failures would reach no one."""
+        log.info("%s", self.describe())
+        if self.on != "never" and self._email is None and self._webhook is None:
+            log.warning("no notification channel is configured (SMTP_HOST+MAIL_TO or WEBHOOK_URL): failures "
+                        "show only in the log, /health and /metrics")
 
     def close_bound_s(self) -> float:
         """The default wait of ``close``: one message through every retry on the slowest lane, capped."""
@@ -171,6 +178,9 @@ class Notifier:
             self.backup_failed(manifest)
             return
         self._run_ok.append(manifest.id)
+        if manifest.sanity:  # a backup that looks wrong reaches NOTIFY_ON=failure too; the ping still says ok
+            self._publish(messages.backup_suspicious(manifest, self.host))
+            return
         self._publish(messages.backup_ok(manifest, self.host))
 
     @_never_raises()
@@ -204,9 +214,11 @@ class Notifier:
         return self.report_schedule.next_after(now or datetime.now(UTC), self.tz)
 
     @_never_raises()
-    def weekly_report(self, catalog: Catalog, now: datetime | None = None) -> WeeklyReport | None:
-        """Build the report from ``catalog`` (``load_catalog(targets)``), send it, and return it."""
-        report = build_report(catalog, self.host, self.databases, now)
+    def weekly_report(self, catalog: Catalog, now: datetime | None = None,
+                      expected: Sequence[str] | None = None) -> WeeklyReport | None:
+        """Build the report from ``catalog`` (``load_catalog(targets)``), send it, and return it; ``expected``
+        (the job's units, when known) marks every other name as retired."""
+        report = build_report(catalog, self.host, self.databases, now, expected=expected)
         self._publish(messages.weekly_report(report))
         return report
 

@@ -96,6 +96,8 @@ def backup_ok(m: Manifest, host: str) -> Event:
     detail = f"{m.id}, {format_size(m.size_bytes)}"
     if m.duration_s is not None:
         detail += f" in {format_duration(m.duration_s)}"
+    if m.warnings:  # ok, but not everything is in it (e.g. what the backup role cannot read): say so up front
+        detail += f", {len(m.warnings)} warning(s)"
     head = subject(f"OK {m.database} on {host}", detail)
     body = [f"The backup of {m.database} succeeded.", ""]
     body += _facts([
@@ -107,7 +109,23 @@ def backup_ok(m: Manifest, host: str) -> Event:
         body += ["", "Warnings:", *(f"  {w}" for w in m.warnings)]
     return Event(
         name="backup_ok", category="success", status="ok", subject=head, text=mask("\n".join(body) + "\n"),
+        chat=mask(_chat(head, "\n".join(m.warnings) + "\n" if m.warnings else None)),
+        host=host, database=m.database, backup_id=m.id, size_bytes=m.size_bytes, duration_s=m.duration_s,
+    )
+
+
+def backup_suspicious(m: Manifest, host: str) -> Event:
+    """An ok backup whose output looks wrong (app.sanity): sent like a failure, because someone should look."""
+    head = subject(f"WARNING {m.database} on {host}", m.sanity[0] if m.sanity else "the backup looks wrong")
+    body = [f"The backup of {m.database} finished, but it does not look like the database it came from.", ""]
+    body += _facts([("Database", m.database), ("Backup", m.id), ("Host", host), ("Finished", _when(m.finished_at)),
+                    ("Size", format_size(m.size_bytes))])
+    body += ["", "Warnings:", *(f"  {w}" for w in m.sanity), "",
+             "The earlier backups are kept by retention; check the database before they age out."]
+    return Event(
+        name="backup_warning", category="failure", status="warning", subject=head, text=mask("\n".join(body) + "\n"),
         chat=head, host=host, database=m.database, backup_id=m.id, size_bytes=m.size_bytes, duration_s=m.duration_s,
+        error=mask("; ".join(m.sanity)),
     )
 
 

@@ -89,10 +89,14 @@ class DatabaseSummary:
     kept_bytes: int
     oldest_kept: Manifest | None
     broken: int  # manifest says ok, but no target holds the artifact with that size
+    #: no longer a unit of the job (dropped database, name taken out of POSTGRES_DB): information only
+    retired: bool = False
 
     @property
     def problems(self) -> list[str]:
-        """What needs a human, worded for a subject line; empty when the week was clean."""
+        """What needs a human, worded for a subject line; empty when the week was clean (or it is retired)."""
+        if self.retired:
+            return []
         out = []
         if self.good_this_week == 0:
             out.append("no good backup this week")
@@ -114,6 +118,7 @@ class DatabaseSummary:
             "kept_bytes": self.kept_bytes,
             "oldest_kept_id": self.oldest_kept.id if self.oldest_kept else None,
             "broken": self.broken,
+            "retired": self.retired,
         }
 
 
@@ -143,7 +148,9 @@ class WeeklyReport:
         if not self.databases:
             lines += ["No database is configured and the targets hold no backups.", ""]
         for s in self.databases:
-            heading = "ATTENTION: " + ", ".join(s.problems) if s.problems else "OK"
+            heading = "ATTENTION: " + ", ".join(s.problems) if s.problems else ("RETIRED: no longer backed up, "
+                                                                                "its backups stay under retention"
+                                                                                if s.retired else "OK")
             lines.append(f"{s.database}: {heading}")
             lines.append(f"  last good backup:   {_describe(s.last_good, self.end)}")
             lines.append(f"  backups this week:  {s.good_this_week} good, {s.failed_this_week} failed")
@@ -160,11 +167,15 @@ class WeeklyReport:
 
 
 def build_report(catalog: Catalog, host: str, databases: Iterable[str] = (), now: datetime | None = None,
-                 days: int = 7) -> WeeklyReport:
-    """Summarise ``catalog`` for the ``days`` up to ``now``; configured databases with no backup are listed too."""
+                 days: int = 7, expected: Iterable[str] | None = None) -> WeeklyReport:
+    """Summarise ``catalog`` for the ``days`` up to ``now``; configured databases with no backup are listed too.
+
+    ``expected``: the job's units (app.units) when known; any other name the targets hold is retired.
+    """
     end = (now or datetime.now(UTC)).astimezone(UTC)
     start = end - timedelta(days=days)
-    names = {d for d in databases if d and d != "*"} | {e.manifest.database for e in catalog.entries}
+    units = None if expected is None else set(expected)
+    names = {d for d in databases if d and d != "*"} | {e.manifest.database for e in catalog.entries} | (units or set())
     summaries = []
     for name in sorted(names):
         entries = [e for e in catalog.entries if e.manifest.database == name]  # newest first
@@ -181,6 +192,7 @@ def build_report(catalog: Catalog, host: str, databases: Iterable[str] = (), now
             kept_bytes=sum(m.size_bytes for m in good),
             oldest_kept=good[-1] if good else None,
             broken=sum(1 for e in entries if e.status == "broken"),
+            retired=units is not None and name not in units,
         ))
     return WeeklyReport(host, start, end, summaries, dict(catalog.errors))
 
