@@ -1,27 +1,41 @@
-"""One backup of one database into every target, with its manifest: the place where a dump starts.
+"""One backup of one artifact into every target, each copy published on its own: the place where a dump starts.
 
-Order of events, chosen so that nothing ever looks like a good backup unless it is one:
-check targets -> connect and compare versions -> begin an upload on every target -> stream pg_dump ->
-commit every upload -> write the ok manifest on every target. Any failure aborts the uploads, removes
-whatever was already published for this ID, and writes a failed manifest wherever a target still takes it.
+Order of events, chosen so that nothing ever looks like a good backup unless it is one, and so that one
+target's trouble never costs another target its copy:
+check each target (a failing one is left out, the others go on) -> connect and compare versions -> begin
+an upload on every target that passed, parts planned from the size estimate -> stream the dump once into all
+of them (a target failing mid-stream is dropped, the stream goes on while any target takes it) -> for each
+target: commit, check what was stored, write its own ok manifest. A target that failed gets a failed manifest
+where it still accepts one. BACKUP_OK_POLICY decides whether the run counts as ok (exit code, /health,
+notifications); it never decides whether a good copy stays.
+
+One budget bounds it all: BACKUP_TIMEOUT from the start for the dump, the uploads and the publication, then
+CLEANUP_S for the aborts and failed manifests of a run that failed or was stopped, so a stopped or stalled
+run ends within the orchestrator's grace and never lingers holding its locks.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from app import layout, pg
+from app import encryption, layout
 from app.cancel import CancelToken
 from app.compression import compressor
+from app.deadline import Budget, DeadlineExceeded
+from app.deadline import current as current_budget
 from app.errors import SidecarError
+from app.leases import Lease, LeaseLost
 from app.logs import mask
 from app.manifest import Manifest
-from app.pipeline import Child, Streamed, pump
+from app.pipeline import Streamed, pump
+from app.proc import Child
 from app.settings import Settings
 from app.targets.base import Target, TargetError, Upload
 
@@ -47,6 +61,11 @@ class Artifact:
     open_source: Callable[[], AbstractContextManager[tuple[Iterator[bytes], Callable[[], list[str]]]]]
     #: Runs before any upload starts (connect, version check); returns manifest fields to record.
     preflight: Callable[[], dict[str, str | None]] = lambda: {}
+    #: An estimate of the artifact's size in bytes (a database's on-disk size), or None: S3 plans its one
+    #: part size from it, and refuses at once an artifact that could not fit under its part limit.
+    size_estimate: Callable[[], int | None] = lambda: None
+    #: Runs after the producer finished cleanly: manifest fields only known at the end (a base backup's WAL range).
+    recorded: Callable[[], dict[str, Any]] = lambda: {}
 
 
 def now_utc() -> datetime:
@@ -66,30 +85,8 @@ def _free_stamp(targets: Sequence[Target], name: str, at: datetime) -> datetime:
 def _stat_quietly(target: Target, key: str) -> object | None:
     try:
         return target.stat(key)
-    except TargetError:
+    except (TargetError, DeadlineExceeded):
         return None  # the target's own check reports the outage
-
-
-def dump_artifact(settings: Settings, dbname: str, cancel: CancelToken) -> Artifact:
-    """The Artifact for ``pg_dump`` of one database (custom format uncompressed inside, or plain SQL)."""
-    db = settings.db
-    env = pg.child_env(db)
-    env["PGDATABASE"] = dbname  # the name goes by environment too: a name with '=' is never parsed as conninfo
-    argv = ["pg_dump", "--no-password", f"--format={settings.dump.format}"]
-    if settings.dump.format == "custom":
-        argv.append("--compress=0")  # compressed once, in the stream, so stock zstd/gunzip can read it
-    argv += list(db.extra_dump_opts)
-
-    def preflight() -> dict[str, str | None]:
-        with pg.connect(db, dbname) as conn:
-            versions = pg.check_versions(db, dbname, conn)
-        return {"pg_dump_version": versions.client, "server_version": versions.server}
-
-    def open_source() -> AbstractContextManager[tuple[Iterator[bytes], Callable[[], list[str]]]]:
-        return child_source(Child(argv, env, settings.dump.timeout_s, cancel,
-                                   explain=lambda line: pg.explain(line, db, dbname)))
-
-    return Artifact(dbname, "database", settings.dump.format, open_source, preflight)
 
 
 @contextmanager
@@ -99,80 +96,307 @@ def child_source(child: Child, warnings: list[str] | None = None
     with child:
 
         def finish() -> list[str]:
-            child.finish()
+            said = child.finish()
+            if said:
+                log.warning("%s said: %s", child.name, " | ".join(said))
             return list(warnings or [])
 
         yield child.chunks(), finish
 
 
 def run_artifact(settings: Settings, targets: Sequence[Target], artifact: Artifact, cancel: CancelToken,
-                 slot: str | None = None) -> Manifest:
-    """Stream ``artifact`` into every target and publish it with an ok manifest, or raise BackupFailed."""
+                 slot: str | None = None, *, lease: Lease | None = None) -> Manifest:
+    """Stream ``artifact`` into every target, publishing each copy with its own ok manifest as soon as it is
+    complete and checked. Returns the run's manifest when BACKUP_OK_POLICY is met, else raises BackupFailed.
+
+    ``lease`` is checked before every chunk and right before each copy is published: a lease lost before a
+    copy is published fails the run; a copy already published keeps a warning on its manifest.
+    """
     if not targets:
         raise SidecarError("no backup target is configured (hint: set NAS_PATH and/or S3_BUCKET)")
-    compression = settings.dump.compression
-    started = _free_stamp(targets, artifact.name, now_utc())
-    ext = layout.artifact_ext(artifact.format, compression)
-    manifest = Manifest(
-        id=layout.backup_id(artifact.name, started), status="failed", database=artifact.name, started_at=started,
-        finished_at=None, host=settings.hostname, format=artifact.format, compression=compression,
-        artifact=layout.artifact_key(artifact.name, started, ext), kind=artifact.kind, slot=slot,
-    )
-    manifest_key = layout.manifest_key(artifact.name, started)
-    uploads: list[Upload] = []
-    committed: list[Target] = []
-    usable = list(targets)
-    t0 = time.monotonic()
-    log.info("backup %s started (%s, %s) -> %s", manifest.id, artifact.format, compression,
-             ", ".join(t.describe() for t in targets))
-    try:
-        for target in targets:
+    budget = Budget.after(settings.dump.timeout_s, cancel)
+    with budget.scope():
+        return _Run(settings, targets, artifact, budget, slot, lease).run()
+
+
+#: what the cleanup of a failed or stopped run may take in all (aborts, failed manifests): within the 9 s stop
+#: budget of `run` after pg_dump was stopped, and past BACKUP_TIMEOUT only by this much
+CLEANUP_S = 4.0
+#: a target's check, or the look for a free ID, may take this long before the run goes on without it
+CHECK_S = 15.0
+
+
+class _Copy:
+    """One target's copy in this run: its upload and what became of it. write() never raises a target's
+    failure: it records it and drops the copy, so the stream goes on for the others."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.upload: Upload | None = None
+        self.error: str | None = None
+        self.checked = False  # passed check(): only then may a failed manifest be written there
+        self.published = False
+        self.stored: str | None = None  # the fingerprint a stat shows (ObjectInfo.checksum)
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and not self.published
+
+    def fail(self, exc: BaseException | str) -> None:
+        if self.error is None:
+            self.error = exc if isinstance(exc, str) else _one_line(exc)
+            log.error("no copy on %s (%s): %s", self.target.name, self.target.describe(), self.error)
+
+    def write(self, data: bytes) -> None:
+        if self.error is not None or self.upload is None:
+            return
+        try:
+            self.upload.write(data)
+        except TargetError as exc:
+            self.fail(exc)
+            _bounded_abort(self)
+
+
+class _Fanout:
+    """The pipeline's sink: every live copy gets the bytes; when none is left, the run stops."""
+
+    def __init__(self, copies: Sequence[_Copy]) -> None:
+        self.copies = copies
+
+    def write(self, data: bytes) -> None:
+        for copy in self.copies:
+            copy.write(data)
+        if not any(c.alive for c in self.copies):
+            raise SidecarError("no target took the backup: " + "; ".join(f"{c.target.name}: {c.error}"
+                                                                        for c in self.copies))
+
+
+class _Run:
+    def __init__(self, settings: Settings, targets: Sequence[Target], artifact: Artifact, budget: Budget,
+                 slot: str | None, lease: Lease | None) -> None:
+        self.settings = settings
+        self.artifact = artifact
+        self.budget = budget
+        self.lease = lease
+        self.copies = [_Copy(t) for t in targets]
+        with Budget(min(budget.deadline or math.inf, time.monotonic() + CHECK_S), budget.cancel).scope():
+            started = _free_stamp(targets, artifact.name, now_utc())
+        compression = settings.dump.compression
+        self.recipients = settings.encryption.recipients
+        ext = layout.artifact_ext(artifact.format, compression, encrypted=bool(self.recipients))
+        self.manifest = Manifest(
+            id=layout.backup_id(artifact.name, started), status="failed", database=artifact.name,
+            started_at=started, finished_at=None, host=settings.hostname, format=artifact.format,
+            compression=compression, artifact=layout.artifact_key(artifact.name, started, ext), kind=artifact.kind,
+            slot=slot, encryption=encryption.described(self.recipients) if self.recipients else None,
+        )
+        self.manifest_key = layout.manifest_key(artifact.name, started)
+        self.t0 = time.monotonic()
+        self.run_error: str | None = None  # what ended the run as a whole (not one target's trouble)
+
+    def check(self) -> None:
+        """Before every chunk: stopped, out of time, or the lease gone ends the run."""
+        self.budget.check(f"backup {self.manifest.id}")
+        if self.lease is not None:
+            self.lease.check()
+
+    def run(self) -> Manifest:
+        m = self.manifest
+        log.info("backup %s started (%s, %s) -> %s", m.id, m.format, m.compression,
+                 ", ".join(c.target.describe() for c in self.copies))
+        try:
+            self._check_targets()
+            for key, value in self.artifact.preflight().items():
+                setattr(m, key, value)
+            estimate = _estimate(self.artifact)
+            for copy in self._alive():
+                try:
+                    copy.upload = copy.target.begin(m.artifact, size_hint=estimate)
+                except TargetError as exc:
+                    copy.fail(exc)
+            if not self._alive():
+                raise SidecarError("no target took the backup: " + "; ".join(
+                    f"{c.target.name}: {c.error}" for c in self.copies))
+            with self.artifact.open_source() as (chunks, finish):
+                comp = compressor(m.compression, self.settings.dump.level)
+                streamed = pump(chunks, comp, [_Fanout(self.copies)], self.check, self.recipients)
+                m.warnings = finish()
+            for key, value in self.artifact.recorded().items():
+                setattr(m, key, value)
+            if self.recipients:  # table names and the database's properties are not for a bucket's readers
+                self.manifest = m = encryption.seal(m, self.recipients)
+            if streamed.raw_bytes == 0:
+                raise SidecarError(
+                    f"{self.artifact.name}: the dump produced no data (hint: check the database and PGDUMP_EXTRA_OPTS)"
+                )
+            m.size_bytes, m.sha256, m.raw_bytes = streamed.size, streamed.sha256, streamed.raw_bytes
+            for copy in self._alive():
+                self._publish(copy, streamed)
+        except BaseException as exc:
+            self._cleanup(exc)
+            if isinstance(exc, Exception):
+                raise BackupFailed(self._outcome()) from exc
+            raise
+        self._cleanup(None)
+        outcome = self._outcome()
+        if not outcome.ok:
+            raise BackupFailed(outcome)
+        log.info("backup %s ok: %d bytes stored (%d raw) on %s, sha256 %s, %.1fs", m.id, streamed.size,
+                 streamed.raw_bytes, ", ".join(c.target.name for c in self.copies if c.published),
+                 streamed.sha256[:16], time.monotonic() - self.t0)
+        return outcome
+
+    def _alive(self) -> list[_Copy]:
+        return [c for c in self.copies if c.alive]
+
+    def _check_targets(self) -> None:
+        """Each target's check, on its own short budget: a failing or hanging one is left out of this run."""
+        for copy in self.copies:
+            limit = min(self.budget.deadline or math.inf, time.monotonic() + CHECK_S)
             try:
-                target.check()
-            except TargetError:
-                usable.remove(target)
-                raise
-        for key, value in artifact.preflight().items():
-            setattr(manifest, key, value)
-        uploads = [t.begin(manifest.artifact) for t in targets]
-        with artifact.open_source() as (chunks, finish):
-            streamed: Streamed = pump(chunks, compressor(compression, settings.dump.level), uploads, cancel)
-            manifest.warnings = finish()
-        if streamed.raw_bytes == 0:
-            raise SidecarError(
-                f"{artifact.name}: the dump produced no data (hint: check the database and PGDUMP_EXTRA_OPTS)"
-            )
-        for target, upload in zip(targets, uploads, strict=True):
-            upload.commit()
-            committed.append(target)
-        manifest.size_bytes, manifest.sha256 = streamed.size, streamed.sha256
-        manifest.status, manifest.finished_at = "ok", now_utc()
-        data = manifest.to_json()
-        for target in targets:
-            target.put_bytes(manifest_key, data)
-    except BaseException as exc:
-        # Cleanup: say it, unpublish, then target by target (NAS first: local and fast) abort the upload,
-        # which frees the space a full disk needs, and record the failure, so a stop with little time left
-        # still leaves failed manifests where it can. No step may raise: a cleanup error must not hide the
-        # failure or skip the steps after it.
-        manifest.status, manifest.finished_at = "failed", now_utc()
-        manifest.size_bytes, manifest.sha256 = 0, None
-        manifest.error = (mask(str(exc)).strip() or exc.__class__.__name__).splitlines()[0]
-        log.error("backup %s FAILED after %.1fs: %s", manifest.id, time.monotonic() - t0, manifest.error)
-        _rollback(committed, manifest.artifact, manifest_key)
-        data = manifest.to_json()
-        for i, target in enumerate(targets):
-            if i < len(uploads):
-                _quietly(uploads[i].abort, f"abort the upload of {manifest.artifact} on {target.describe()}")
-            if target in usable:
-                _quietly(lambda t=target: t.put_bytes(manifest_key, data),
-                         f"write the failed manifest to {target.describe()}")
-        if isinstance(exc, Exception):
-            raise BackupFailed(manifest) from exc
-        raise
-    log.info("backup %s ok: %d bytes stored (%d raw), sha256 %s, %.1fs", manifest.id, streamed.size,
-             streamed.raw_bytes, streamed.sha256[:16], time.monotonic() - t0)
-    return manifest
+                with Budget(limit, self.budget.cancel, f"the {CHECK_S:.0f}s target check").scope():
+                    copy.target.check()
+                copy.checked = True
+            except (TargetError, DeadlineExceeded) as exc:
+                copy.fail(exc)
+        if not self._alive():
+            raise SidecarError("; ".join(c.error or "" for c in self.copies))
+
+    def _publish(self, copy: _Copy, streamed: Streamed) -> None:
+        """Commit one copy, check what was stored, write its own ok manifest; a failure here is this copy's."""
+        m = self.manifest
+        assert copy.upload is not None
+        self.check()  # the lease, once more, right before this copy becomes visible
+        try:
+            copy.stored = copy.upload.commit(streamed.sha256)
+        except TargetError as exc:
+            copy.fail(exc)
+            return
+        problem = _stored_problem(copy.target, m.artifact, streamed.size)
+        if problem is None:
+            doc = self._manifest_for(copy, "ok")
+            try:
+                copy.target.put_bytes(self.manifest_key, doc.to_json())
+            except TargetError as exc:
+                problem = f"cannot write the manifest: {_one_line(exc)}"
+        if problem is not None:
+            copy.fail(problem)
+            _quietly(lambda: copy.target.delete(m.artifact), f"remove {m.artifact} from {copy.target.describe()}")
+            return
+        copy.published = True
+        log.info("backup %s: copy on %s published", m.id, copy.target.describe())
+
+    def _manifest_for(self, copy: _Copy, status: str) -> Manifest:
+        m = self.manifest
+        if status == "ok":
+            return replace(m, status="ok", finished_at=now_utc(), error=None, target=copy.target.name,
+                           stored_checksum=copy.stored, warnings=list(m.warnings))
+        return replace(m, status="failed", finished_at=now_utc(), error=copy.error, size_bytes=0, sha256=None,
+                       target=copy.target.name, stored_checksum=None, warnings=list(m.warnings))
+
+    def _cleanup(self, exc: BaseException | None) -> None:
+        """Fail every copy that is not published, abort its upload and write its failed manifest, NAS first
+        (local and fast: it frees the space a full disk needs), all within CLEANUP_S. No step may raise."""
+        if exc is not None:
+            error = self.run_error = _one_line(exc)
+            for copy in self.copies:
+                if not copy.published:
+                    copy.fail(error)
+            if isinstance(exc, LeaseLost):
+                for copy in self.copies:
+                    if copy.published:
+                        self._warn_published(copy, f"the lease was lost after this copy was published: {error}")
+        failed = [c for c in self.copies if not c.published]
+        if not failed:
+            return
+        if exc is not None:
+            log.error("backup %s FAILED after %.1fs: %s", self.manifest.id, time.monotonic() - self.t0, error)
+        with Budget.after(CLEANUP_S, CancelToken(), "the cleanup budget").scope():
+            for copy in failed:
+                _bounded_abort(copy)
+                if copy.checked and not _out_of_time():
+                    doc = self._manifest_for(copy, "failed").to_json()
+                    _quietly(lambda c=copy, d=doc: c.target.put_bytes(self.manifest_key, d),
+                             f"write the failed manifest to {copy.target.describe()}")
+                elif copy.checked:
+                    log.error("no time left to write the failed manifest to %s", copy.target.describe())
+
+    def _warn_published(self, copy: _Copy, warning: str) -> None:
+        doc = self._manifest_for(copy, "ok")
+        doc.warnings.append(warning)
+        with Budget.after(CLEANUP_S, CancelToken(), "the cleanup budget").scope():
+            _quietly(lambda: copy.target.replace_bytes(self.manifest_key, doc.to_json()),
+                     f"add a warning to the manifest on {copy.target.describe()}")
+
+    def _outcome(self) -> Manifest:
+        """The run's own manifest (for the CLI, /health, notifications): ok when the policy's copies exist."""
+        m = replace(self.manifest, finished_at=now_utc(), warnings=list(self.manifest.warnings))
+        held = [c.target.name for c in self.copies if c.published]
+        missing = [c for c in self.copies if not c.published]
+        policy = self.settings.dump.ok_policy
+        if policy == ("all",):
+            ok = not missing
+        elif policy == ("any",):
+            ok = bool(held)
+        else:
+            ok = all(name in held for name in policy)
+        notes = [f"no copy on {c.target.name}: {c.error}" for c in missing]
+        if ok:
+            m.status, m.error = "ok", None
+            m.warnings += notes
+            return m
+        m.status = "failed"
+        kept = f" (the copy on {', '.join(held)} is kept)" if held else ""
+        if self.run_error is not None and all(c.error == self.run_error for c in missing):
+            m.error = self.run_error + kept  # the run itself failed: one reason, not one per target
+        else:
+            m.error = "; ".join(notes) + kept if notes else "no copy was published"
+        if not held:
+            m.size_bytes, m.sha256 = 0, None
+        return m
+
+
+def _estimate(artifact: Artifact) -> int | None:
+    try:
+        return artifact.size_estimate()
+    except Exception as exc:  # noqa: BLE001 - an estimate is a hint: parts fall back to the memory budget
+        log.debug("no size estimate for %s: %s", artifact.name, exc)
+        return None
+
+
+def _stored_problem(target: Target, key: str, size: int) -> str | None:
+    """What is wrong with the object just committed, or None: it must be there with every byte."""
+    try:
+        info = target.stat(key)
+    except TargetError as exc:
+        return f"cannot check the stored copy: {_one_line(exc)}"
+    if info is None:
+        return f"the committed object {key} is not there (hint: check the target's consistency)"
+    if info.size != size:
+        return f"the stored object has {info.size} bytes, the stream had {size} (hint: check the target)"
+    return None
+
+
+def _bounded_abort(copy: _Copy) -> None:
+    """Abort the copy's upload within the current budget (or a cleanup budget of its own)."""
+    upload, copy.upload = copy.upload, None
+    if upload is None:
+        return
+    if current_budget() is None or _out_of_time():
+        with Budget.after(CLEANUP_S, CancelToken(), "the cleanup budget").scope():
+            _quietly(upload.abort, f"abort the upload on {copy.target.describe()}")
+    else:
+        _quietly(upload.abort, f"abort the upload on {copy.target.describe()}")
+
+
+def _out_of_time() -> bool:
+    budget = current_budget()
+    return budget is not None and (budget.expired or budget.cancel.cancelled)
+
+
+def _one_line(exc: BaseException | str) -> str:
+    text = exc if isinstance(exc, str) else (str(exc) or exc.__class__.__name__)
+    return (mask(text).strip() or "failed").splitlines()[0]
 
 
 def _quietly(action: Callable[[], object], what: str) -> bool:
@@ -183,18 +407,3 @@ def _quietly(action: Callable[[], object], what: str) -> bool:
         log.error("could not %s: %s", what, mask(str(exc)).splitlines()[0] if str(exc) else exc.__class__.__name__)
         return False
     return True
-
-
-def _rollback(committed: Sequence[Target], artifact_key: str, manifest_key: str) -> None:
-    """Remove what this run already published, so a failed run leaves nothing at the final names."""
-    for target in committed:
-        for key in (manifest_key, artifact_key):
-            _quietly(lambda t=target, k=key: t.delete(k), f"remove {key} from {target.describe()} after a failure")
-
-
-
-
-def backup_database(settings: Settings, targets: Sequence[Target], dbname: str, cancel: CancelToken,
-                    slot: str | None = None) -> Manifest:
-    """pg_dump of ``dbname`` into every target; returns the ok manifest or raises BackupFailed."""
-    return run_artifact(settings, targets, dump_artifact(settings, dbname, cancel), cancel, slot)

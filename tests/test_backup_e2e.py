@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -12,6 +13,8 @@ import psycopg
 import pytest
 from conftest import CANARY, Cli, PgServer, S3Server, all_files_text, free_port
 from sample_data import build_sample, schema_dump, table_checksums
+
+from app.targets.nas import MARKER
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +28,13 @@ def manifests(nas: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(nas.rglob("*.manifest.json"))]
 
 
+def files(nas: Path) -> list[Path]:
+    """What the backups left on the NAS: every file but the directory's marker."""
+    return sorted(p for p in nas.rglob("*") if p.is_file() and p.name != MARKER)
+
+
 def artifacts(nas: Path) -> list[Path]:
-    return sorted(p for p in nas.rglob("*") if p.is_file() and not p.name.endswith(".manifest.json"))
+    return [p for p in files(nas) if not p.name.endswith(".manifest.json")]
 
 
 def assert_canary_absent(result: subprocess.CompletedProcess[str], *roots: Path) -> None:
@@ -70,7 +78,11 @@ def test_round_trip_to_s3_and_nas_restores_with_stock_tools(
     s3_copy = tmp_path / "from-s3.dump.zst"
     s3.client.fget_object(bucket, f"prod/eu/{manifest['artifact']}", str(s3_copy))
     assert s3_copy.read_bytes() == artifact.read_bytes()
-    assert json.loads(s3.client.get_object(bucket, manifest_key).read()) == manifest
+    s3_manifest = json.loads(s3.client.get_object(bucket, manifest_key).read())
+    own = ("target", "stored_checksum", "finished_at", "duration_s")  # each copy's manifest describes itself
+    assert {k: v for k, v in s3_manifest.items() if k not in own} == {k: v for k, v in manifest.items() if k not in own}
+    assert manifest["target"] == "nas" and manifest["stored_checksum"] == f"sha256:{manifest['sha256']}"
+    assert s3_manifest["target"] == "s3" and s3_manifest["stored_checksum"].startswith("etag:")
 
     expected = table_checksums(pg, sample_db)
     for source in (artifact, s3_copy):
@@ -102,7 +114,7 @@ def test_second_backup_keeps_the_first_and_both_are_listed(cli: Cli, pg: PgServe
     pg.psql(db, "CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
     env = {**pg.env(POSTGRES_DB=db), "NAS_PATH": str(nas), "BACKUP_COMPRESSION": "none"}
     cli.run("backup", env=env, check=True)
-    first = {p: p.read_bytes() for p in nas.rglob("*") if p.is_file()}
+    first = {p: p.read_bytes() for p in files(nas)}
     cli.run("backup", "--force", env=env, check=True)  # same second is fine: IDs never collide
     assert all(p.read_bytes() == data for p, data in first.items())
     ids = [m["id"] for m in manifests(nas)]
@@ -114,7 +126,7 @@ def test_second_backup_keeps_the_first_and_both_are_listed(cli: Cli, pg: PgServe
 
 def _previous_backup(cli: Cli, env: dict[str, str], nas: Path) -> dict[Path, bytes]:
     cli.run("backup", env=env, check=True)
-    return {p: p.read_bytes() for p in nas.rglob("*") if p.is_file()}
+    return {p: p.read_bytes() for p in files(nas)}
 
 
 def _assert_failed_cleanly(result: subprocess.CompletedProcess[str], nas: Path, before: dict[Path, bytes],
@@ -124,7 +136,7 @@ def _assert_failed_cleanly(result: subprocess.CompletedProcess[str], nas: Path, 
     assert len(error_lines) == 1, result.stderr
     assert expect in error_lines[0] and "hint:" in error_lines[0], error_lines[0]
     assert all(p.read_bytes() == data for p, data in before.items()), "an earlier backup was touched"
-    new = [p for p in nas.rglob("*") if p.is_file() and p not in before]
+    new = [p for p in files(nas) if p not in before]
     assert not [p for p in new if not p.name.endswith(".manifest.json")], f"artifact or partial left: {new}"
     failed = [json.loads(p.read_text()) for p in new]
     assert len(failed) == 1 and failed[0]["status"] == "failed" and failed[0]["error"]
@@ -162,17 +174,19 @@ def test_missing_database_fails_with_hint(cli: Cli, pg: PgServer, nas: Path) -> 
     assert "POSTGRES_DB" in failed["error"]
 
 
-def test_missing_nas_directory_fails_and_writes_failed_manifest_to_s3(
+def test_missing_nas_directory_fails_the_run_but_s3_keeps_its_copy(
     cli: Cli, pg: PgServer, s3: S3Server, bucket: str, tmp_path: Path, small_db: str
 ) -> None:
     env = {**pg.env(POSTGRES_DB=small_db), "NAS_PATH": str(tmp_path / "not-mounted"), **s3.env(bucket)}
     result = cli.run("backup", env=env, timeout=60)
     assert result.returncode == 1
-    assert "does not exist" in result.stderr and "hint:" in result.stderr
+    assert "no copy on nas" in result.stderr and "does not exist" in result.stderr and "hint:" in result.stderr
+    assert "the copy on s3 is kept" in result.stderr
     assert not (tmp_path / "not-mounted").exists()  # never created: an unmounted volume must not fill the disk
-    keys = s3.keys(bucket)
-    assert len(keys) == 1 and keys[0].endswith(".manifest.json")
-    assert json.loads(s3.client.get_object(bucket, keys[0]).read())["status"] == "failed"
+    manifest_key = next(k for k in s3.keys(bucket) if k.endswith(".manifest.json"))
+    doc = json.loads(s3.client.get_object(bucket, manifest_key).read())
+    assert doc["status"] == "ok" and doc["target"] == "s3"
+    assert sorted(s3.keys(bucket)) == sorted([doc["artifact"], manifest_key])
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a read-only tmpfs")
@@ -205,22 +219,40 @@ def test_disk_full_mid_stream_leaves_no_partial_and_keeps_earlier_backups(
         subprocess.run(["umount", str(full)], check=True)
 
 
-def test_s3_endpoint_down_fails_and_nas_keeps_nothing(cli: Cli, pg: PgServer, s3: S3Server, nas: Path,
-                                                      small_db: str) -> None:
+def _assert_nas_copy_kept(result: subprocess.CompletedProcess[str], nas: Path, expect: str) -> dict:
+    """Exit 1 naming the missing S3 copy, while the NAS holds a complete, restorable copy with its ok manifest."""
+    assert result.returncode == 1, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("backup-sidecar: error:")]
+    assert len(error_lines) == 1, result.stderr
+    assert "no copy on s3" in error_lines[0] and expect in error_lines[0] and "hint:" in error_lines[0]
+    assert "the copy on nas is kept" in error_lines[0]
+    [manifest] = manifests(nas)
+    [artifact] = artifacts(nas)
+    assert manifest["status"] == "ok" and manifest["target"] == "nas"
+    assert artifact.stat().st_size == manifest["size_bytes"]
+    assert hashlib.sha256(artifact.read_bytes()).hexdigest() == manifest["sha256"]
+    assert_canary_absent(result, nas)
+    return manifest
+
+
+def test_s3_endpoint_down_fails_the_run_but_nas_keeps_its_copy(cli: Cli, pg: PgServer, s3: S3Server, nas: Path,
+                                                               small_db: str) -> None:
     env = {**pg.env(POSTGRES_DB=small_db), "NAS_PATH": str(nas), **s3.env("backups"),
            "S3_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
     t0 = time.monotonic()
     result = cli.run("backup", env=env, timeout=120)
     assert time.monotonic() - t0 < 60
-    failed = _assert_failed_cleanly(result, nas, {}, "S3")
-    assert "S3_ENDPOINT" in failed["error"]
+    _assert_nas_copy_kept(result, nas, "S3_ENDPOINT")
+    restored = restore_with_stock_tools(pg, artifacts(nas)[0], "custom")
+    assert table_checksums(pg, restored) == table_checksums(pg, small_db)
+    pg.drop_db(restored)
 
 
-def test_missing_bucket_fails_with_hint(cli: Cli, pg: PgServer, s3: S3Server, nas: Path, small_db: str) -> None:
+def test_missing_bucket_fails_the_run_but_nas_keeps_its_copy(cli: Cli, pg: PgServer, s3: S3Server, nas: Path,
+                                                             small_db: str) -> None:
     env = {**pg.env(POSTGRES_DB=small_db), "NAS_PATH": str(nas), **s3.env("no-such-bucket-anywhere")}
     result = cli.run("backup", env=env, timeout=60)
-    failed = _assert_failed_cleanly(result, nas, {}, "does not exist")
-    assert "never creates buckets" in failed["error"]
+    _assert_nas_copy_kept(result, nas, "never creates buckets")
 
 
 def _find_pg_dump(dbname: str, timeout: float = 20) -> int:
@@ -294,16 +326,22 @@ def test_pg_dump_killed_mid_stream_fails_cleanly(cli: Cli, pg: PgServer, s3: S3S
     assert not list(s3.client.list_objects(bucket, recursive=True, include_version=False, prefix="zzz"))
 
 
-def test_hung_dump_is_killed_after_backup_timeout(cli: Cli, pg: PgServer, nas: Path, small_db: str) -> None:
-    env = {**pg.env(POSTGRES_DB=small_db), "NAS_PATH": str(nas), "BACKUP_TIMEOUT": "2s"}
-    blocker = _blocked_dump(pg, small_db)
+def backup_while_blocked(cli: Cli, pg: PgServer, db: str, env: dict[str, str]
+                         ) -> tuple[subprocess.CompletedProcess[str], float]:
+    """`backup` while another session holds the lock pg_dump waits for: its result and how long it took."""
+    blocker = _blocked_dump(pg, db)
     try:
         t0 = time.monotonic()
         result = cli.run("backup", env=env, timeout=60)
-        elapsed = time.monotonic() - t0
+        return result, time.monotonic() - t0
     finally:
         blocker.rollback()
         blocker.close()
+
+
+def test_hung_dump_is_killed_after_backup_timeout(cli: Cli, pg: PgServer, nas: Path, small_db: str) -> None:
+    env = {**pg.env(POSTGRES_DB=small_db), "NAS_PATH": str(nas), "BACKUP_TIMEOUT": "2s"}
+    result, elapsed = backup_while_blocked(cli, pg, small_db, env)
     assert elapsed < 15
     failed = _assert_failed_cleanly(result, nas, {}, "timed out after 2s")
     assert "BACKUP_TIMEOUT" in failed["error"]

@@ -49,7 +49,7 @@ def day(text: str, hour: int = 3, second: int = 0) -> datetime:
 
 def nas_files(root: Path) -> set[str]:
     """Every file under the NAS root, hidden ones included, as relative paths."""
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != ".backup-sidecar"}
 
 
 def backup_keys(db: str, when: datetime) -> set[str]:
@@ -152,7 +152,7 @@ def test_prune_applies_retention_on_nas_and_s3_and_touches_nothing_foreign(
     upload = s3_target.begin(f"{db}/2026/01/01/{db}-20260101T030000Z.dump.zst")
     upload.write(os.urandom(5 * 1024 * 1024))
     upload.write(b"x")
-    upload._wait_pending()  # type: ignore[attr-defined] - the first part is stored: a real incomplete upload
+    upload._settle()  # type: ignore[attr-defined] - the first part is stored: a real incomplete upload
     nas_partial = NasTarget(nas).begin(f"{db}/2026/01/01/{db}-20260101T030000Z.dump.zst")
     nas_partial.write(b"half")
     plan = prune(settings, targets, now=datetime.now(UTC) + timedelta(days=2))

@@ -212,3 +212,11 @@ def test_guards_hold_on_random_histories(seed: int) -> None:
             continue
         assert oks[0].keep and "newest" in oks[0].rules
         assert sum(d.keep for d in oks) >= min(policy.minimum, len(oks))
+
+
+def test_each_cluster_is_weighed_on_its_own() -> None:
+    now = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+    mine = [Backup(f"app-a{i}", "app", now - timedelta(hours=i), cluster="111") for i in range(3)]
+    theirs = [Backup(f"app-b{i}", "app", now - timedelta(hours=i, minutes=30), cluster="222") for i in range(2)]
+    decisions = {d.backup.id: d.keep for d in select([*mine, *theirs], Policy(1, 0, 0, 1), now)}
+    assert decisions == {"app-a0": True, "app-a1": False, "app-a2": False, "app-b0": True, "app-b1": False}
