@@ -50,7 +50,14 @@ def pg_bin_dir() -> Path:
 
 
 def _as_owner() -> list[str]:
-    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    """initdb and pg_ctl refuse root: as root they run as ``postgres`` (runuser lives in sbin, often off PATH)."""
+    if os.geteuid() != 0:
+        return []
+    runuser = shutil.which("runuser") or next(
+        (p for p in ("/usr/sbin/runuser", "/sbin/runuser") if Path(p).exists()), None)
+    if runuser is None:
+        raise RuntimeError("runuser not found (hint: apt-get install util-linux)")
+    return [runuser, "-u", "postgres", "--"]
 
 
 @dataclass
@@ -69,7 +76,8 @@ class Cluster:
 
 
 def start_cluster(password: str, port: int | None = None, root: Path | None = None,
-                  settings: str = "-c fsync=off -c full_page_writes=off -c synchronous_commit=off") -> Cluster:
+                  settings: str = "-c fsync=off -c full_page_writes=off -c synchronous_commit=off",
+                  initdb_args: tuple[str, ...] = ()) -> Cluster:
     """initdb + start on 127.0.0.1:``port`` (a free one by default); about two seconds."""
     bindir = pg_bin_dir()
     root = root or Path(tempfile.mkdtemp(prefix="bs-pg-"))
@@ -84,7 +92,7 @@ def start_cluster(password: str, port: int | None = None, root: Path | None = No
     if not (data / "PG_VERSION").exists():
         subprocess.run(
             [*_as_owner(), str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=peer",
-             "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8"],
+             "--auth-host=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C.UTF-8", *initdb_args],
             check=True, capture_output=True,
         )
     pwfile.unlink()
@@ -112,7 +120,13 @@ def main() -> int:
         return 0
     if not args.password_file:
         p.error("start needs --password-file")
-    cluster = start_cluster(args.password_file.read_text().strip(), args.port, args.dir)
+    try:
+        cluster = start_cluster(args.password_file.read_text().strip(), args.port, args.dir)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        detail = exc.stderr.decode(errors="replace").strip() if isinstance(exc, subprocess.CalledProcessError) \
+            and exc.stderr else str(exc)
+        print(f"local_pg: cannot start PostgreSQL: {detail}", file=sys.stderr)
+        return 1
     print(cluster.port)
     return 0
 

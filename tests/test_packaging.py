@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -25,10 +26,14 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "compose.yaml"
 K8S_DIR = ROOT / "deploy" / "k8s"
-K8S_MANIFESTS = sorted(K8S_DIR.glob("*.yaml"))
+#: Every Kubernetes object file (each kustomization.yaml is kustomize's, not the API's).
+K8S_MANIFESTS = sorted(p for p in K8S_DIR.rglob("*.yaml") if p.name != "kustomization.yaml")
+#: The variants an operator applies with `kubectl apply -k`, and what each must hold (and must not).
+K8S_VARIANTS = {"cronjob": ("backup",), "deployment": ("run",)}
+K8S_EXAMPLE_SECRET = K8S_DIR / "examples" / "secret.example.yaml"
 
 # The operator contract's commands (SPEC "Commands") and the health check every probe must call.
-SUBCOMMANDS = {"run", "backup", "list", "verify", "restore", "prune", "health", "config"}
+SUBCOMMANDS = {"run", "backup", "list", "verify", "restore", "prune", "health", "config", "check", "fetch"}
 CONSOLE_SCRIPT = "backup-sidecar"
 HEALTHCHECK_CMD = ["python3", "-m", "healthcheck"]
 HEALTH_PORT = 8080
@@ -140,6 +145,12 @@ def _workloads() -> list[tuple[str, dict, dict]]:
     return found
 
 
+def _all_containers(spec: dict) -> list[dict]:
+    """The pod's init containers and containers that run the sidecar's image, each held to the same rules
+    (the verify CronJob's drill server is a stock PostgreSQL beside them: see its own test)."""
+    return [c for c in (*spec.get("initContainers", []), *spec["containers"]) if "backup-sidecar" in c["image"]]
+
+
 def _by_kind(kind: str) -> dict[str, dict]:
     return {obj["metadata"]["name"]: obj for _, obj in _k8s_objects() if obj["kind"] == kind}
 
@@ -188,7 +199,7 @@ def test_compose_file_matches_the_compose_spec():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("manifest", K8S_MANIFESTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("manifest", K8S_MANIFESTS, ids=lambda p: str(p.relative_to(K8S_DIR)))
 def test_kubernetes_manifest_matches_the_api_schema(manifest: Path):
     versions = [arg for version in K8S_VERSIONS for arg in ("-k", version)]
     result = _run([_tool("kubernetes-validate"), "--strict", "--quiet", *versions, str(manifest)])
@@ -292,7 +303,7 @@ def _packaged_command_lines() -> dict[str, list[str]]:
     for name, service in _sidecar_services().items():
         lines[f"compose {name}"] = _as_argv(service["command"])
     for name, _, spec in _workloads():
-        for container in spec["containers"]:
+        for container in _all_containers(spec):
             lines[f"{name} {container['name']}"] = list(container["args"])
     return lines
 
@@ -313,14 +324,25 @@ def test_packaged_command_lines_parse_with_the_real_cli():
 
 def test_kubernetes_workloads_run_real_subcommands_through_the_entrypoint():
     for name, _, spec in _workloads():
-        for container in spec["containers"]:
+        for container in _all_containers(spec):
             assert "command" not in container, f"{name}: keep the image's ENTRYPOINT, pass the subcommand as args"
             assert container["args"][0] in SUBCOMMANDS, f"{name}: {container['args']}"
-    assert _pod_spec(_cronjob_running("backup"))["containers"][0]["args"] == ["backup"]
+    assert _pod_spec(_cronjob_running("backup"))["containers"][0]["args"] == ["backup", "--scheduled"]
     verify = _cronjob_running("verify")
     assert _pod_spec(verify)["containers"][0]["args"] == ["verify", "latest", "--restore-test"]
     deployments = _by_kind("Deployment")
     assert [_pod_spec(d)["containers"][0]["args"] for d in deployments.values()] == [["run"]]
+
+
+def test_the_verify_cronjob_drills_on_its_own_ephemeral_server():
+    spec = _pod_spec(_cronjob_running("verify"))
+    (server,) = [c for c in spec.get("initContainers", []) if c["name"] == "drill-server"]
+    assert server["restartPolicy"] == "Always", "a native sidecar: up before the drill, stopped with the Job"
+    assert "listen_addresses=127.0.0.1" in server["args"], "reachable from the pod's loopback only"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert all("emptyDir" in volumes[m["name"]] for m in server["volumeMounts"]), "nothing of it outlives the Job"
+    env = {e["name"]: e.get("value", "") for e in spec["containers"][0].get("env", [])}
+    assert env["DRILL_DATABASE_URL"].startswith("postgresql://postgres@127.0.0.1:"), "never a drill on production"
 
 
 def test_kubernetes_cronjobs_never_overlap_and_always_end():
@@ -339,7 +361,7 @@ def test_kubernetes_pods_are_non_root_read_only_and_bounded():
         assert pod_security["runAsNonRoot"] is True, name
         assert pod_security["runAsUser"] == uid, f"{name}: runAsUser should be the image's uid {uid}"
         empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
-        for container in spec["containers"]:
+        for container in _all_containers(spec):
             security = container["securityContext"]
             assert security["readOnlyRootFilesystem"] is True, name
             assert security["allowPrivilegeEscalation"] is False, name
@@ -363,7 +385,7 @@ def test_kubernetes_references_resolve_to_the_example_objects():
                 assert volume["persistentVolumeClaim"]["claimName"] in claims, f"{name}: {volume}"
             if "secret" in volume:
                 assert volume["secret"]["secretName"] == secret["metadata"]["name"], name
-        for container in spec["containers"]:
+        for container in _all_containers(spec):
             mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
             secret_dirs = {path for path, volume in mounts.items() if "secret" in volume}
             settings: dict[str, str] = {}
@@ -412,3 +434,117 @@ def test_deployment_liveness_watches_a_check_that_the_health_module_reports():
     health_source = (ROOT / "app" / "health.py").read_text()
     for name in names:
         assert f'Check("{name}"' in health_source, f"app/health.py no longer reports a {name!r} check"
+
+
+# --- Kubernetes: the variants as kustomize builds them ------------------------------------------------------
+
+
+def _kustomization_files(directory: Path, seen: tuple[Path, ...] = ()) -> list[Path]:
+    """The manifest files `kubectl apply -k directory` applies, following `resources` into other directories."""
+    (doc,) = _yaml_docs(directory / "kustomization.yaml")
+    assert doc["kind"] == "Kustomization" and doc["apiVersion"].startswith("kustomize.config.k8s.io/"), directory
+    files: list[Path] = []
+    for resource in doc.get("resources", []):
+        path = (directory / resource).resolve()
+        assert path.exists(), f"{directory}/kustomization.yaml names {resource}, which does not exist"
+        if path.is_dir():
+            assert path not in seen, f"{directory}: a cycle through {path}"
+            files += _kustomization_files(path, (*seen, directory))
+        else:
+            files.append(path)
+    return files
+
+
+def _objects_of(files: list[Path]) -> list[tuple[str, str]]:
+    return [(doc["kind"], doc["metadata"]["name"]) for path in files for doc in _yaml_docs(path)]
+
+
+def test_each_kubernetes_variant_applies_itself_and_the_base_only():
+    variants = {name: _kustomization_files(K8S_DIR / name) for name in K8S_VARIANTS}
+    base = set(_kustomization_files(K8S_DIR / "base"))
+    for name, files in variants.items():
+        assert len(files) == len(set(files)), f"{name} applies a file twice"
+        assert base <= set(files), f"{name} must include ../base"
+        assert K8S_EXAMPLE_SECRET.resolve() not in files, f"{name} would apply the example Secret"
+        verbs = sorted(_pod_spec(doc)["containers"][0]["args"][0] for path in files for doc in _yaml_docs(path)
+                       if _pod_spec(doc) is not None and doc["metadata"]["name"] != "backup-sidecar-verify")
+        assert tuple(verbs) == K8S_VARIANTS[name], f"{name} runs {verbs}: one variant must not apply the other"
+        kinds = _objects_of(files)
+        assert len(kinds) == len(set(kinds)), f"{name} defines an object twice: {kinds}"
+    every = {p.resolve() for p in K8S_MANIFESTS}
+    reached = set().union(*map(set, variants.values())) | {K8S_EXAMPLE_SECRET.resolve()}
+    assert every == reached, f"manifests no variant applies: {sorted(every - reached)}"
+    assert not list(K8S_DIR.glob("*.yaml")), "no manifest at the top of deploy/k8s: `kubectl apply -f` would take it"
+
+
+def test_kubectl_kustomize_builds_each_variant():
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with kustomize) is not installed and no Debian package provides it; the variants' "
+                    "files are still checked one by one above")
+    for name in K8S_VARIANTS:
+        result = _run([kubectl, "kustomize", str(K8S_DIR / name)])
+        assert result.returncode == 0, result.stderr
+        built = [(doc["kind"], doc["metadata"]["name"]) for doc in
+                 __import__("yaml").safe_load_all(result.stdout) if doc]
+        assert sorted(built) == sorted(_objects_of(_kustomization_files(K8S_DIR / name))), name
+        assert "registry.example.com/backup-sidecar:0.1.0" in result.stdout, "the images transformer took"
+
+
+def test_the_secret_holds_every_credential_and_no_pod_gets_one_as_an_environment_variable():
+    """Every credential is a *_FILE pointing into the mounted Secret; none is an env var (not even via a ref)."""
+    from app.settings import FILE_VARS
+
+    (config,) = _by_kind("ConfigMap").values()
+    for name, _, spec in _workloads():
+        for container in _all_containers(spec):
+            for var in container.get("env", []):
+                assert "valueFrom" not in var, f"{name}: {var['name']} comes from a Secret as an env var"
+                carries_password = urlsplit(var.get("value", "")).password is not None
+                if var["name"] == "DRILL_DATABASE_URL" and not carries_password:
+                    continue  # the pod's own ephemeral drill server on loopback: a URL with no credential
+                assert var["name"] not in FILE_VARS, f"{name}: {var['name']} set in plain text"
+    data = config["data"]
+    assert {"POSTGRES_PASSWORD_FILE", "S3_ACCESS_KEY_ID_FILE", "S3_SECRET_ACCESS_KEY_FILE"} <= set(data)
+    assert not set(data) & set(FILE_VARS), "a credential in the ConfigMap"
+    (secret,) = _by_kind("Secret").values()
+    text = K8S_EXAMPLE_SECRET.read_text()
+    assert "no credential is an environment variable" in text and "secretKeyRef" not in text
+    assert set(secret["stringData"]) == {Path(v).name for k, v in data.items() if k.removesuffix("_FILE") in FILE_VARS}
+
+
+def test_the_configmap_settings_fit_the_example_topology(tmp_path: Path):
+    """The in-cluster MinIO on 9000 speaks plain HTTP: the settings must say so and load as they stand."""
+    from app.settings import FILE_VARS, load_settings
+
+    (config,) = _by_kind("ConfigMap").values()
+    env = dict(config["data"], LOCK_FILE=str(tmp_path / "lock"))
+    for key, value in list(env.items()):
+        if key.removesuffix("_FILE") in FILE_VARS:  # the Secret's files, here with placeholder content
+            (tmp_path / Path(value).name).write_text("placeholder")
+            env[key] = str(tmp_path / Path(value).name)
+    env["NAS_PATH"] = str(tmp_path)
+    settings = load_settings(env)
+    assert settings.s3 is not None and settings.s3.secure is False and settings.s3.endpoint.endswith(":9000")
+    assert "S3_SECURE" not in config["data"], "the endpoint's scheme says it; a second setting can contradict it"
+
+
+def test_compose_builds_with_the_client_source_from_env_and_checks_before_the_sidecar_starts():
+    services = _compose_services()
+    args = _sidecar_services()["backup-sidecar"]["build"]["args"]
+    assert args["PG_CLIENT_SOURCE"] == "${PG_CLIENT_SOURCE:-pgdg}" and args["PG_MAJOR"] == "${PG_MAJOR:-19}"
+    check = services["backup-check"]
+    assert _as_argv(check["command"]) == ["check", "--notify-optional"] and check["restart"] == "no"
+    depends = services["backup-sidecar"]["depends_on"]
+    assert depends["backup-check"]["condition"] == "service_completed_successfully"
+    assert {"postgres", "minio-init"} <= set(depends), "overriding depends_on must keep the stack's own"
+
+
+def test_the_deployment_checks_in_an_init_container_without_failing_over_a_channel():
+    (deployment,) = _by_kind("Deployment").values()
+    spec = _pod_spec(deployment)
+    (init,) = spec["initContainers"]
+    (main,) = spec["containers"]
+    assert init["args"] == ["check", "--notify-optional"]
+    assert init["image"] == main["image"] and init["envFrom"] == main["envFrom"]
+    assert init["volumeMounts"] == main["volumeMounts"], "the check must see the volumes the sidecar uses"

@@ -147,6 +147,7 @@ def _host_env() -> dict[str, str]:
     env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR") if k in os.environ}
     # The image installs app/ and healthcheck/ into its venv; here they come from the checkout.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env["NAS_REQUIRE_MOUNT"] = "false"  # the volumes are tmp dirs on the root disk here, not mounts
     return env
 
 
@@ -463,7 +464,7 @@ def test_compose_backup_once_then_sidecar_healthcheck(
         "HEALTH_BIND": ("127.0.0.1", "listen on loopback only on a shared host (the file publishes 127.0.0.1)"),
     }
     envs: dict[str, dict[str, str]] = {}
-    for name in ("backup-once", "backup-sidecar"):
+    for name in ("backup-check", "backup-once", "backup-sidecar"):
         service = services[name]
         file_env = {**_documented_dotenv(), **{k: str(v) for k, v in service["environment"].items()}}
         settings = {
@@ -476,6 +477,9 @@ def test_compose_backup_once_then_sidecar_healthcheck(
         _assert_the_code_reads(f"compose {name}", file_env, envs[name], monkeypatch, not_settings)
         _config_ok(f"compose {name}", _compose_entrypoint(service), envs[name], tmp_path, [str(nas), f"s3://{bucket}"])
 
+    check = _compose_argv(services["backup-check"])  # `up` runs it to completion before backup-sidecar
+    checked = _run_ok(check, envs["backup-check"], tmp_path)
+    assert "FAIL" not in checked.stdout and f"s3://{bucket}" in checked.stdout, _explain(check, checked)
     backup_once = _compose_argv(services["backup-once"])
     result = _run_ok(backup_once, envs["backup-once"], tmp_path)
     assert len(_nas_ok_manifests(nas, db)) == 1, f"no ok manifest on the NAS: {_explain(backup_once, result)}"
@@ -504,6 +508,10 @@ def _secret_keys() -> set[str]:
 def _container(obj: dict) -> dict:
     (container,) = _pod_spec(obj)["containers"]
     return container
+
+
+def _init_containers(obj: dict) -> list[dict]:
+    return list(_pod_spec(obj).get("initContainers", []))
 
 
 def _container_argv(container: dict) -> list[str]:
@@ -574,9 +582,12 @@ class K8sStack:
                 here(container, file_env["S3_SECRET_ACCESS_KEY_FILE"]),
                 "the Secret volume -> a tmp dir holding the same keys",
             ),
-            "S3_ENDPOINT": (self.s3.endpoint, "the in-cluster MinIO Service -> the s3 fixture"),
+            "S3_ACCESS_KEY_ID_FILE": (
+                here(container, file_env["S3_ACCESS_KEY_ID_FILE"]),
+                "the Secret volume -> a tmp dir holding the same keys",
+            ),
+            "S3_ENDPOINT": (f"http://{self.s3.endpoint}", "the in-cluster MinIO (plain HTTP) -> the s3 fixture"),
             "S3_BUCKET": (self.bucket, "a fresh bucket per test"),
-            "S3_SECURE": ("false", "the test S3 server speaks plain HTTP; the cluster's MinIO speaks TLS"),
             "NAS_PATH": (here(container, file_env["NAS_PATH"]), "the backup-sidecar-nas PVC -> tmp dir"),
             "LOCK_FILE": (here(container, file_env["LOCK_FILE"]), "the backup-sidecar-locks PVC -> tmp dir"),
             "HEALTH_PORT": (str(self.port), "a free port: 8080 is inside the pod's network namespace"),
@@ -636,6 +647,10 @@ def test_kubernetes_deployment_probes(
         assert port == configured_port, f"probe port {port} is not HEALTH_PORT {configured_port}"
         return stack.port
 
+    for init in _init_containers(deployment):  # the kubelet runs them to completion before the sidecar starts
+        init_env = stack.env(f"Deployment backup-sidecar init {init['name']}", init, monkeypatch)
+        done = _run_ok(_container_argv(init), init_env, tmp_path)
+        assert "FAIL" not in done.stdout and f"s3://{bucket}" in done.stdout, _explain(_container_argv(init), done)
     sidecar = Sidecar(_container_argv(container), env, tmp_path)
     try:
         startup_port = probe_port(container["startupProbe"]["tcpSocket"])
