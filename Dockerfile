@@ -75,7 +75,7 @@ RUN printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*
       'path-exclude /usr/share/man/*' 'path-exclude /usr/share/info/*' 'path-exclude /usr/share/locale/*' \
       > /etc/dpkg/dpkg.cfg.d/90-slim \
  && apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates python3 tzdata \
+ && apt-get install -y --no-install-recommends ca-certificates python3 tzdata mariadb-client age \
  && case "${PG_CLIENT_SOURCE}" in \
       pgdg) \
         . /etc/os-release \
@@ -91,21 +91,29 @@ RUN printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/log/apt/* /var/log/dpkg.log \
  && pg_dump --version && pg_restore --version && psql --version && pg_dumpall --version \
+ && mariadb-dump --version && mariadb --version \
  && groupadd --gid 10001 sidecar \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
             --shell /usr/sbin/nologin sidecar \
- && install -d -o 10001 -g 10001 -m 0750 /backups /locks
+ && install -d -o 10001 -g 10001 -m 0700 /var/lib/backup-sidecar \
+ && install -d -o 10001 -g 10001 -m 0750 /locks
 
 COPY --from=builder /opt/venv /opt/venv
 
-# /backups and /locks are owned by the runtime user, so a fresh named volume mounted there inherits that
-# ownership (Docker and Podman copy it up) and the non-root process can write. No VOLUME instruction: it
-# would create anonymous volumes nobody asked for. NAS_PATH is not set here (setting it turns the NAS
-# target on); with no target configured the app's default ./backups resolves to /backups from WORKDIR /.
+# /backups is deliberately NOT created here: NAS_PATH=/backups must be a mounted volume, and a directory the
+# image made would let an unmounted volume fill the container's own disk wherever the root file system is
+# writable (the NAS target also refuses a directory that is not on a mount and lacks the marker of an
+# earlier use, see NAS_REQUIRE_MOUNT). The volume must be writable by uid 10001: Kubernetes fsGroup 10001,
+# or for a fresh Docker/Podman named volume (created root-owned) a one-shot `chown 10001:10001` or a bind
+# mount owned by 10001. /locks is made for the lock volume, owned by the runtime user so a fresh named
+# volume mounted there inherits that ownership. No VOLUME instruction: it would create anonymous volumes
+# nobody asked for. NAS_PATH is not set here (setting it turns the NAS target on); with no target
+# configured at all the app's default ./backups resolves to /var/lib/backup-sidecar/backups under WORKDIR,
+# created on first use: a try-out, not a vault.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
-WORKDIR /
+WORKDIR /var/lib/backup-sidecar
 USER 10001:10001
 EXPOSE 8080
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import REPO
 
-from app.settings import KNOWN_SETTINGS, SECRET_VARS, load_settings
+from app.settings import FILE_VARS, KNOWN_SETTINGS, SECRET_VARS, load_settings
 
 #: Variables the code reads that are not settings of the sidecar (they belong to the OS or to libpq).
 NOT_SETTINGS = {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TMPDIR", "PGSSLMODE", "PGSSLROOTCERT",
@@ -15,7 +15,7 @@ NOT_SETTINGS = {"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TM
                 "DOCKER_HOST", "CI"}
 
 _READS = [
-    re.compile(r"""\br\.(?:raw|str|int|bool|duration|choice|list|_typed)\(\s*["']([A-Z][A-Z0-9_]+)["']"""),
+    re.compile(r"""\br\.(?:raw|str|int|bool|duration|size|choice|list|_typed)\(\s*["']([A-Z][A-Z0-9_]+)["']"""),
     re.compile(r"""environ(?:ment)?\.get\(\s*["']([A-Z][A-Z0-9_]+)["']"""),
     re.compile(r"""environ\[\s*["']([A-Z][A-Z0-9_]+)["']\s*\]"""),
     re.compile(r"""\benv\.get\(\s*["']([A-Z][A-Z0-9_]+)["']"""),
@@ -32,9 +32,12 @@ def settings_read_by_code() -> set[str]:
     return names - NOT_SETTINGS
 
 
+#: A documented setting in .env.example: commented out, one space after '#', with its default (examples are indented).
+SETTING_LINE = re.compile(r"^# ([A-Z][A-Z0-9_]*)=(.*)$")
+
+
 def env_example_names() -> set[str]:
-    return {line.split("=", 1)[0] for line in (REPO / ".env.example").read_text().splitlines()
-            if re.match(r"^[A-Z][A-Z0-9_]*=", line)}
+    return {m[1] for line in (REPO / ".env.example").read_text().splitlines() if (m := SETTING_LINE.match(line))}
 
 
 def test_code_reads_only_documented_settings() -> None:
@@ -52,8 +55,20 @@ def test_env_example_documents_nothing_the_code_ignores() -> None:
 def test_every_env_example_setting_has_an_explanation_line() -> None:
     lines = (REPO / ".env.example").read_text().splitlines()
     for i, line in enumerate(lines):
-        if re.match(r"^[A-Z][A-Z0-9_]*=", line):
-            assert lines[i - 1].startswith("# ") and len(lines[i - 1]) > 6, f"no explanation above {line!r}"
+        if SETTING_LINE.match(line):
+            above = lines[i - 1]
+            assert above.startswith("# ") and len(above) > 6 and not SETTING_LINE.match(above), (
+                f"no explanation above {line!r}")
+
+
+def test_env_example_sets_nothing_so_copying_it_changes_nothing() -> None:
+    """Every line is a comment or blank: `cp .env.example .env` must leave every default in force."""
+    from dotenv import dotenv_values
+
+    assigned = [line for line in (REPO / ".env.example").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    assert assigned == [], "uncommented lines in .env.example"
+    assert dotenv_values(REPO / ".env.example") == {}
 
 
 def test_env_example_loads_as_valid_settings(tmp_path: Path) -> None:
@@ -65,12 +80,12 @@ def test_env_example_loads_as_valid_settings(tmp_path: Path) -> None:
 def test_every_secret_is_marked_secret_in_env_example() -> None:
     lines = (REPO / ".env.example").read_text().splitlines()
     for name in SECRET_VARS:
-        [i] = [i for i, line in enumerate(lines) if line.startswith(f"{name}=")]
-        assert "secret" in lines[i - 1], name
+        [i] = [i for i, line in enumerate(lines) if line.startswith(f"# {name}=")]
+        assert "(secret" in lines[i - 1], name
 
 
 def test_known_settings_list_matches_what_the_code_reads() -> None:
-    known = KNOWN_SETTINGS - {f"{name}_FILE" for name in SECRET_VARS}
+    known = KNOWN_SETTINGS - {f"{name}_FILE" for name in FILE_VARS}
     assert known == settings_read_by_code()
 
 
