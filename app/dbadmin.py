@@ -230,9 +230,20 @@ def _create_hint(exc: psycopg.Error, props: DatabaseProperties | None) -> str:
 
 
 def drop_database(db: DatabaseSettings, dbname: str) -> None:
+    """Drop ``dbname``, ending the sessions on it.
+
+    WITH (FORCE) refuses to end a session of a role this one is not a member of, and on PostgreSQL 15 an
+    autovacuum worker (which a freshly restored scratch database attracts) counts as one for a role without
+    superuser or pg_signal_backend. A plain DROP DATABASE ends autovacuum workers by itself and waits up to 5 s
+    for other sessions to leave, so it is the fallback; a session that stays makes it fail with the reason."""
+    force = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname))
+    plain = sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(dbname))
     try:
         with maintenance_connection(db) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dbname)))
+            try:
+                conn.execute(force)
+            except psycopg.errors.InsufficientPrivilege:
+                conn.execute(plain)
     except psycopg.Error as exc:
         raise SidecarError(f"cannot drop database {dbname}: {pg.said(exc)}",
                            hint=pg.hint_with_server(exc, "drop it by hand")) from exc

@@ -243,7 +243,8 @@ BUSY_RETRY_S = 60.0
 def drill_latest(settings: Settings, notifier: Notifier | None = None) -> list[DrillRecord]:
     """The scheduled drill: the latest ok backup of every database, each restored, compared and recorded.
 
-    Under the run lock, so prune cannot delete a backup being drilled; raises LockBusy while a backup runs."""
+    Under the readers' lock, like a restore: prune cannot delete a backup being drilled, and backups go on
+    beside it (a drill must never cost a scheduled backup). Raises LockBusy while a prune runs."""
     targets = make_targets(settings)
     records = []
     with run_lock(settings, "drill"):
@@ -281,7 +282,7 @@ def _scheduled(settings: Settings, notifier: Notifier | None, stop: threading.Ev
         if stop.wait(max(0.0, (due - datetime.now(UTC)).total_seconds())):
             return
         try:
-            for _ in range(30):  # a backup holds the lock: try again a minute later, up to half an hour
+            for _ in range(30):  # a prune holds the lock: try again a minute later, up to half an hour
                 try:
                     drill_latest(settings, notifier)
                     break

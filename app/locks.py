@@ -1,8 +1,8 @@
 """Never twice on one volume: flocks on LOCK_FILE and its sibling ``LOCK_FILE.readers``.
 
-The scheme (``run_lock``): a backup holds LOCK_FILE exclusively (one writer of new backups); a restore holds
-``.readers`` shared (it only reads backups, so it neither waits for a backup nor blocks one, and restores do
-not block each other); prune holds both exclusively, so it waits for backups and restores alike and never
+The scheme (``run_lock``): a backup holds LOCK_FILE exclusively (one writer of new backups); a restore or a
+drill holds ``.readers`` shared (it only reads backups, so it neither waits for a backup nor blocks one, and
+restores do not block each other); prune holds both exclusively, so it waits for backups and restores alike and never
 deletes what a restore is reading.
 
 ``flock`` belongs to the open file, so the kernel drops it the moment its holder dies, even by ``kill -9``:
@@ -203,13 +203,14 @@ def readers_path(path: Path) -> Path:
 def run_lock(settings: Settings, what: str, cancel: CancelToken | None = None) -> Iterator[Holder]:
     """The locks ``what`` needs (module docstring), waiting up to LOCK_TIMEOUT (or until ``cancel``).
 
-    ``backup``: LOCK_FILE. ``restore``: LOCK_FILE.readers, shared. ``prune``: both, exclusive. LockBusy names
-    the holder (for a restore in the way of prune: the lock file, since shared holders record nothing).
+    ``backup``: LOCK_FILE. ``restore`` and ``drill``: LOCK_FILE.readers, shared. ``prune``: both, exclusive.
+    LockBusy names the holder (for a restore in the way of prune: the lock file, since shared holders record
+    nothing).
     """
     path = settings.lock.path
     create_parent = bool(settings.nas and settings.nas.create_missing and path.parent == settings.nas.path)
     timeout, host = settings.lock.timeout_s, settings.hostname
-    if what == "restore":
+    if what in ("restore", "drill"):
         with file_lock(readers_path(path), what, host, timeout, create_parent, cancel, shared=True) as holder:
             yield holder
         return

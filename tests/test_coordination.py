@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC
 from pathlib import Path
 
@@ -50,8 +51,9 @@ def test_four_replicas_started_together_make_exactly_one_backup(
     assert len(skipped) == 3
     for err in skipped:
         (line,) = [line for line in err.splitlines() if "skipping" in line]  # one line says why
+        # the holder may be a replica that took the claim after the backup only to find the slot done
         assert (
-            f"already running on {made.host} since" in line
+            re.search(r"already running on replica-\d since", line)
             or f"slot {made.slot} already backed up as {made.id} by {made.host}" in line
         ), line
     assert CANARY not in "".join(out + err for _, out, err in outcomes)
