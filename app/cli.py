@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
 from app import __version__, encryption
 from app.cancel import CancelToken
-from app.errors import SidecarError
+from app.errors import SidecarError, UsageError
 from app.logs import mask, register_secrets, setup_logging
-from app.settings import ConfigError, Settings, describe, load_settings
+from app.settings import ConfigError, Settings, describe, environment, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: `run` stops within about 10 s of SIGTERM; queued notifications get this long on top (none: no wait at all)
@@ -130,6 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "health":
         from healthcheck.check import main as health_main
 
+        env, problems = environment(args.env_file)  # HEALTH_URL / HEALTH_PORT may come from the env file
+        if problems:
+            print(f"BACKUP UNKNOWN - {problems[0]}")
+            return 3
+        os.environ.update({k: v for k, v in env.items() if k in ("HEALTH_URL", "HEALTH_PORT")})
         return health_main(["--url", args.url] if args.url else [])
     setup_logging()
     try:
@@ -155,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args, settings, cancel)
     except SidecarError as exc:
         print(f"backup-sidecar: error: {mask(str(exc)).splitlines()[0]}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
     except KeyboardInterrupt:
         print("backup-sidecar: interrupted", file=sys.stderr)
         return EXIT_FAILED

@@ -14,3 +14,8 @@ class SidecarError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+
+
+class UsageError(SidecarError):
+    """The command line itself is wrong (a malformed backup ID, options that exclude each other): the CLI exits 2,
+    like a configuration error, not 1 like an operation that failed."""

@@ -40,7 +40,7 @@ from app import layout
 from app.basebackup import pg_binary
 from app.catalog import Entry, load_catalog
 from app.durations import format_size
-from app.errors import SidecarError
+from app.errors import SidecarError, UsageError
 from app.logs import mask
 from app.manifest import Manifest, utc_iso
 from app.proc import run_short
@@ -102,13 +102,13 @@ def parse_target(time_text: str | None, lsn_text: str | None, latest: bool, tz: 
     """The one recovery target the options name; a time without an offset is in TZ."""
     given = [x for x in (time_text, lsn_text, latest or None) if x]
     if len(given) != 1:
-        raise PitrError("give exactly one of --time, --lsn or --latest",
+        raise UsageError("give exactly one of --time, --lsn or --latest",
                         hint="e.g. --time '2026-11-22 14:03:00+00'")
     if time_text:
         try:
             at = datetime.fromisoformat(time_text.strip().replace("Z", "+00:00"))
         except ValueError as exc:
-            raise PitrError(f"--time {time_text!r} is not a time",
+            raise UsageError(f"--time {time_text!r} is not a time",
                             hint="use ISO 8601, e.g. 2026-11-22T14:03:00+00:00; without an offset it is in TZ") from exc
         if at.tzinfo is None:
             at = at.replace(tzinfo=ZoneInfo(tz))
@@ -117,7 +117,7 @@ def parse_target(time_text: str | None, lsn_text: str | None, latest: bool, tz: 
         try:
             return RecoveryTarget("lsn", lsn=parse_lsn(lsn_text))
         except ValueError as exc:
-            raise PitrError(str(exc)) from exc
+            raise UsageError(str(exc)) from exc
     return RecoveryTarget("latest")
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from app import layout
 from app.catalog import Catalog, Entry, load_catalog
-from app.errors import SidecarError
+from app.errors import SidecarError, UsageError
 from app.identity import of_manifest
 from app.targets import Target
 
@@ -28,7 +28,7 @@ def resolve_entry(targets: Sequence[Target], ref: str, database: str | None, sou
         try:
             name, _ = layout.parse_id(ref)
         except ValueError as exc:
-            raise SidecarError(str(exc)) from exc
+            raise UsageError(str(exc)) from exc
         database = name  # an ID names its database; --db only narrows `latest`
     if ref == "latest" and source is not None:
         targets = [t for t in targets if t.name == source]

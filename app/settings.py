@@ -533,6 +533,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def environment(env_file: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """The process environment filled from the env file exactly as load_settings reads it, and the problems
+    reading that file (for `health`, which needs HEALTH_URL/HEALTH_PORT but not the rest of the settings)."""
+    env = dict(os.environ)
+    return env, _read_env_file(env, env_file, default=".env")
+
+
 def _read_env_file(env: dict[str, str], named: str | None, default: str | None) -> list[str]:
     """Fill unset variables of ``env`` from the env file; problems when a file that was asked for cannot be read.
 

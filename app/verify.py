@@ -23,7 +23,7 @@ from app.compression import CorruptArchive, decompress
 from app.drills import SCRATCH_PREFIX as SCRATCH_PREFIX
 from app.drills import Drill, store
 from app.durations import format_size
-from app.errors import SidecarError
+from app.errors import SidecarError, UsageError
 from app.logs import mask
 from app.manifest import Manifest
 from app.proc import Child, scratch_env
@@ -287,12 +287,12 @@ def select_entries(targets: Sequence[Target], ref: str, all_: bool, database: st
                    report: Report) -> list[Entry]:
     """The backups to verify; problems that leave nothing to check become failed checks in ``report``."""
     if all_ and ref != "latest":
-        raise SidecarError("give a backup ID or --all, not both (hint: `verify --all` or `verify ID`)")
+        raise UsageError("give a backup ID or --all, not both (hint: `verify --all` or `verify ID`)")
     if not all_ and ref != "latest":
         try:
             name, _ = layout.parse_id(ref)
         except ValueError as exc:
-            raise SidecarError(str(exc)) from exc
+            raise UsageError(str(exc)) from exc
         database = name  # an ID names its database
     catalog = load_catalog(targets, database)
     for name, error in catalog.errors.items():

@@ -256,6 +256,12 @@ def test_nagios_check_http_and_the_health_command_read_the_verdict(sidecar, cli,
     line = cli.run("health", "--url", f"{bad.url}/health", env={})
     assert line.returncode == 2
     assert line.stdout.startswith("BACKUP CRITICAL - last run failed: pg_dump failed: disk quota exceeded")
+    # HEALTH_PORT from the env file, as every other setting (the process environment wins over the file)
+    (cli.cwd / "health.env").write_text(f"HEALTH_PORT={bad.port}\n")
+    from_file = cli.run("--env-file", "health.env", "health", env={})
+    assert from_file.returncode == 2 and from_file.stdout.startswith("BACKUP CRITICAL - last run failed"), from_file
+    missing = cli.run("--env-file", "no-such.env", "health", env={})
+    assert missing.returncode == 3 and missing.stdout.startswith("BACKUP UNKNOWN - --env-file=no-such.env: no such")
     bad.stop()
 
 

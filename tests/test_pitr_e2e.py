@@ -130,7 +130,7 @@ def test_restore_pitr_refuses_bad_targets_and_damaged_copies_leaving_the_directo
     out = cli.run("restore-pitr", "--to-dir", str(scratch / "a"), "--lsn", "FFFF/0", env=env)
     assert out.returncode == 1 and "reaches only LSN" in out.stderr, out.stderr
     out = cli.run("restore-pitr", "--to-dir", str(scratch / "a"), "--time", "yesterday", env=env)
-    assert out.returncode == 1 and "is not a time" in out.stderr and "hint:" in out.stderr
+    assert out.returncode == 2 and "is not a time" in out.stderr and "hint:" in out.stderr
     out = cli.run("restore-pitr", "--latest", env=env)
     assert out.returncode == 2 and "--to-dir" in out.stderr
     assert not (scratch / "a").exists()

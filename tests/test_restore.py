@@ -289,6 +289,11 @@ def test_unknown_or_failed_backups_are_refused_with_a_hint(cli: Cli, env: dict[s
     assert cli.run("backup", env=failed_env).returncode == 1
     failed = cli.run("restore", "latest", "--db", "no_such_database", "--to-db", "x", "--yes", env=failed_env)
     assert failed.returncode == 1 and "no ok backup of no_such_database" in failed.stderr
+    # a malformed ID is a usage error (exit 2, as SPEC says), in restore, fetch and verify alike
+    for args in (("restore", "not-an-id", "--to-db", "x", "--yes"), ("fetch", "not-an-id"),
+                 ("verify", "not-an-id"), ("verify", f"{db}-20200101T000000Z", "--all")):
+        wrong = cli.run(*args, env=env)
+        assert wrong.returncode == 2 and "hint:" in wrong.stderr, (args, wrong.stderr)
 
 
 LOBS_SQL = """
