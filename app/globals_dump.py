@@ -37,7 +37,7 @@ def globals_artifact(settings: Settings, cancel: CancelToken) -> Artifact:
             log.warning("%s", message)
             warnings.append(message)
             with_passwords = False
-        return {"pg_dump_version": versions.client, "server_version": versions.server}
+        return {"engine": "postgresql", "pg_dump_version": versions.client, "server_version": versions.server}
 
     def open_source() -> AbstractContextManager[tuple[Iterator[bytes], Callable[[], list[str]]]]:
         argv = ["pg_dumpall", "--no-password", "--globals-only", f"--database={maintenance_db}"]

@@ -665,8 +665,9 @@ def _run_check(db: DatabaseView) -> Check:
         return Check("last_run", CRITICAL, f"{db.name}: {m.id} failed: {error}", extra,
                      public=f"{db.name}: {m.id} failed")
     if db.last_run_state == "broken":
-        text = f"{db.name}: {m.id} says ok but its artifact is missing or has the wrong size"
-        return Check("last_run", WARNING, text, extra, public=text)
+        # no copy anywhere can be restored: as good as a failed run (SPEC: CRITICAL when a copy is missing)
+        text = f"{db.name}: {m.id} says ok but its artifact is missing or has the wrong size on every target"
+        return Check("last_run", CRITICAL, text, extra, public=text)
     other = [w for w in m.warnings if not w.startswith(SANITY_PREFIX)]  # sanity warnings have their own check
     if other:  # ok, but something (metadata the backup role cannot read) is not in it
         return Check("last_run", WARNING, f"{db.name}: {m.id} ok with {len(other)} warning(s): {other[0]}", extra,

@@ -96,6 +96,7 @@ def test_globals_round_trip_into_a_fresh_cluster(cli: Cli, cluster: PgServer, na
     cli.run("backup", env=env, check=True)
     manifests = ok_manifests(nas)
     assert manifests["_globals"]["status"] == "ok" and manifests["_globals"]["kind"] == "globals"
+    assert manifests["_globals"]["engine"] == "postgresql"
     sql = _globals_sql(nas)
     assert "CREATE ROLE app_owner" in sql and "role-secret-pw" not in sql and "SCRAM-SHA-256$" not in sql
 

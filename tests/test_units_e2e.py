@@ -93,6 +93,12 @@ def test_a_target_without_the_newest_copy_is_critical(
     _, samples = scrape(s)
     assert samples[("backup_sidecar_last_success_copies_missing", (("database", db),))] == 1
     assert layout.is_manifest_key(layout.manifest_key(db, made.started_at))
+    (nas / made.artifact).unlink()  # now no copy is left anywhere: the last run's backup is lost
+    lost = sidecar({**env, "BACKUP_SCHEDULE": "03:00"})
+    doc = lost.wait_for("the lost backup", lambda d: any(c["name"] == "last_run" for c in d["checks"]))
+    assert f"{made.id} says ok but its artifact is missing or has the wrong size on every target" in \
+        check(doc, "last_run", db)["message"]
+    assert (check(doc, "last_run", db)["status"], doc["status"], lost.health()[0]) == ("critical", "critical", 503)
 
 
 def test_future_dated_backup_is_a_warning_and_a_newer_local_failure_wins(
