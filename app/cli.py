@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prune", help="apply retention")
     s.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
 
-    s = sub.add_parser("health", help="one Nagios-style status line; exit 0/1/2/3")
-    s.add_argument("--url", help="the /health URL (default: HEALTH_URL or http://127.0.0.1:HEALTH_PORT/health)")
+    # its options (--url, --timeout, --help) are healthcheck/check.py's own, parsed there, so that a usage error
+    # exits 3 (UNKNOWN) like every other answer a monitor cannot read, never 2 (CRITICAL)
+    sub.add_parser("health", add_help=False, help="one Nagios-style status line; exit 0/1/2/3 "
+                   "(options: --url URL, --timeout SECONDS; default HEALTH_URL or http://127.0.0.1:HEALTH_PORT/health)")
 
     sub.add_parser("config", help="validate and print the effective settings, secrets masked")
 
@@ -127,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "health":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "health":
         from healthcheck.check import main as health_main
 
@@ -136,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"BACKUP UNKNOWN - {problems[0]}")
             return 3
         os.environ.update({k: v for k, v in env.items() if k in ("HEALTH_URL", "HEALTH_PORT")})
-        return health_main(["--url", args.url] if args.url else [])
+        return health_main(extra)
     setup_logging()
     try:
         settings = load_settings(env_file=args.env_file)

@@ -262,6 +262,8 @@ def test_nagios_check_http_and_the_health_command_read_the_verdict(sidecar, cli,
     assert from_file.returncode == 2 and from_file.stdout.startswith("BACKUP CRITICAL - last run failed"), from_file
     missing = cli.run("--env-file", "no-such.env", "health", env={})
     assert missing.returncode == 3 and missing.stdout.startswith("BACKUP UNKNOWN - --env-file=no-such.env: no such")
+    typo = cli.run("health", "--url", env={})  # a monitor's own mistake is UNKNOWN, never CRITICAL
+    assert typo.returncode == 3 and typo.stdout.startswith("BACKUP UNKNOWN - argument --url"), typo
     bad.stop()
 
 
