@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from app.basebackup import BaseScan, ManifestMismatch
-from app.pitr import PitrError, parse_target
+from app.errors import UsageError
+from app.pitr import parse_target
 from app.settings import ConfigError, load_settings
 from app.targets.nas import NasTarget
 from app.wal import (
@@ -95,9 +96,9 @@ def test_recovery_target_takes_exactly_one_form_and_a_bare_time_is_in_tz() -> No
     assert parse_target(None, "0/3027F28", False).settings_lines() == ["recovery_target_lsn = '0/3027F28'"]
     assert parse_target(None, None, True).settings_lines() == []
     for args in ((None, None, False), ("2026-01-01", "0/1", False)):
-        with pytest.raises(PitrError, match="exactly one"):
+        with pytest.raises(UsageError, match="exactly one"):  # the CLI exits 2 for it
             parse_target(*args)
-    with pytest.raises(PitrError, match="not an LSN"):
+    with pytest.raises(UsageError, match="not an LSN"):
         parse_target(None, "zz", False)
 
 
