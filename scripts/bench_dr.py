@@ -43,7 +43,8 @@ def psql(c: Cluster, db: str, sql: str, check: bool = True) -> str:
 
 def sidecar(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    return subprocess.run([sys.executable, "-m", "app", *args], env={**base, "PYTHONPATH": str(REPO), **env},
+    return subprocess.run([sys.executable, "-m", "app", *args],
+                          env={**base, "PYTHONPATH": str(REPO), "NAS_REQUIRE_MOUNT": "false", **env},
                           cwd=cwd, capture_output=True, text=True)
 
 

@@ -232,7 +232,7 @@ def run(args: argparse.Namespace, cluster_env_: dict[str, str], names: list[str]
         planted = plant(names, args.days, nas if "nas" in targets else None, s3 if "s3" in targets else None, bucket)
         print(f"planted {planted} backups of {len(names)} databases in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         env = {**cluster_env_, "POSTGRES_DB": ",".join(names), "LOCK_FILE": str(work / "lock"),
-               "BACKUP_KEEP_DAILY": str(args.days + 2), "BACKUP_SCHEDULE": "03:00",
+               "NAS_REQUIRE_MOUNT": "false", "BACKUP_KEEP_DAILY": str(args.days + 2), "BACKUP_SCHEDULE": "03:00",
                **(s3.env(bucket) if "s3" in targets else {}), **({"NAS_PATH": str(nas)} if "nas" in targets else {})}
         built_ms, payload_ms = model_build_ms(env)
         results = []

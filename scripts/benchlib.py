@@ -125,7 +125,9 @@ class PeakRss:
 
 def sidecar_env(extra: dict[str, str]) -> dict[str, str]:
     keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
-    return {**keep, "PYTHONPATH": str(REPO), "LOG_LEVEL": "WARNING", "PRUNE_AFTER_BACKUP": "false", **extra}
+    # NAS_REQUIRE_MOUNT=false: the benchmarks' NAS directories are scratch directories on the local disk
+    return {**keep, "PYTHONPATH": str(REPO), "LOG_LEVEL": "WARNING", "PRUNE_AFTER_BACKUP": "false",
+            "NAS_REQUIRE_MOUNT": "false", **extra}
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
