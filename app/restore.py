@@ -353,7 +353,7 @@ def _in_place(db: DatabaseSettings, target: Target, manifest: Manifest, to_db: s
     except BaseException as exc:
         state = ("the transaction was rolled back and the database is as it was" if exists
                  else _drop_quietly(db, to_db, "the database created for it"))
-        _fail(exc, manifest, to_db, state)
+        fail_restore(exc, manifest, to_db, state)
     return "in place, one transaction"
 
 
@@ -362,17 +362,22 @@ def _staged(db: DatabaseSettings, target: Target, manifest: Manifest, to_db: str
     staging = staging_name(to_db)
     dropped += dbadmin.create_database(db, staging, props, owner=options.owner, acl=options.acl).dropped
     untouched = f"{to_db} was not touched" if exists else f"{to_db} was not created"
+
+    def abandon(exc: BaseException) -> NoReturn:  # the staging database goes; the live one stays as it was
+        dropped_state = _drop_quietly(db, staging, f"the staging database {staging}")
+        fail_restore(exc, manifest, to_db, f"{untouched}; {dropped_state}")
+
     try:
         _log_warnings(stream_into_database(db, target, manifest, staging, options=Options(owner=options.owner,
                                            acl=options.acl), atomic=False, progress=meter))
     except BaseException as exc:
-        _fail(exc, manifest, to_db, f"{untouched}; {_drop_quietly(db, staging, f'the staging database {staging}')}")
+        abandon(exc)
     if exists:
         retired = staging.replace(STAGING_PREFIX, "bs_retired_", 1)
         try:
             dbadmin.swap_databases(db, to_db, staging, retired)
         except BaseException as exc:
-            _fail(exc, manifest, to_db, f"{untouched}; {_drop_quietly(db, staging, f'the staging database {staging}')}")
+            abandon(exc)
         try:
             dbadmin.drop_database(db, retired)
         except SidecarError as exc:
@@ -381,7 +386,7 @@ def _staged(db: DatabaseSettings, target: Target, manifest: Manifest, to_db: str
         try:
             dbadmin.rename_database(db, staging, to_db)
         except BaseException as exc:
-            _fail(exc, manifest, to_db, f"{untouched}; {_drop_quietly(db, staging, f'the staging database {staging}')}")
+            abandon(exc)
     return f"staged in {staging}, then swapped in"
 
 
@@ -394,7 +399,9 @@ def _drop_quietly(db: DatabaseSettings, dbname: str, what: str) -> str:
     return f"{what} was dropped"
 
 
-def _fail(exc: BaseException, manifest: Manifest, to_db: str, state: str) -> NoReturn:
+def fail_restore(exc: BaseException, manifest: Manifest, to_db: str, state: str) -> NoReturn:
+    """Raise RestoreFailed for ``exc`` saying the ``state`` the destination was left in (every engine's restore);
+    a KeyboardInterrupt or SystemExit is logged with that state and re-raised as it is."""
     if isinstance(exc, Exception):
         text = getattr(exc, "message", None) or str(exc)
         message = mask(text).splitlines()[0] if text else exc.__class__.__name__

@@ -229,7 +229,7 @@ def restore_mariadb(settings: Settings, targets: Sequence[Target], entry: Entry,
                     clean: bool, yes: bool, source: str | None, confirm: Callable[[str], bool] | None,
                     progress: bool) -> Any:
     """Restore a MariaDB backup into ``to_db``: fully, or not at all (the staging database is dropped)."""
-    from app.restore import RestoreFailed, RestoreResult, confirm_restore
+    from app.restore import RestoreResult, confirm_restore, fail_restore
 
     db = settings.db
     manifest = entry.manifest
@@ -280,14 +280,7 @@ def restore_mariadb(settings: Settings, targets: Sequence[Target], entry: Entry,
     except BaseException as exc:
         dropped = _quietly(lambda: mysql.drop_database(db, staging))
         state = f"{untouched}; the staging database {staging} " + ("was dropped" if dropped else "could NOT be dropped")
-        if isinstance(exc, Exception):
-            text = getattr(exc, "message", None) or str(exc)
-            hint = getattr(exc, "hint", None)
-            raise RestoreFailed(f"restore of {manifest.id} into {to_db} failed, {state}: "
-                                f"{mask(text).splitlines()[0] if text else exc.__class__.__name__}",
-                                hint=mask(hint) if hint else None) from exc
-        log.error("restore of %s into %s interrupted, %s", manifest.id, to_db, state)
-        raise
+        fail_restore(exc, manifest, to_db, state)
     _quietly(lambda: mysql.drop_database(db, staging))
     if meter is not None:
         meter.finish()

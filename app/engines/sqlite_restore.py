@@ -71,7 +71,7 @@ def _check_image(path: Path, manifest: Manifest) -> None:
 def restore_sqlite(settings: Settings, targets: Sequence[Target], entry: Entry, to: str, *, create: bool,
                    clean: bool, yes: bool, force: bool, source: str | None,
                    confirm: Callable[[str], bool] | None, progress: bool) -> Any:
-    from app.restore import RestoreFailed, RestoreResult, confirm_restore
+    from app.restore import RestoreResult, confirm_restore, fail_restore
 
     manifest = entry.manifest
     dest = destination(settings, to)
@@ -112,13 +112,7 @@ def restore_sqlite(settings: Settings, targets: Sequence[Target], entry: Entry, 
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(image)
-        if isinstance(exc, Exception):
-            text = getattr(exc, "message", None) or str(exc)
-            hint = getattr(exc, "hint", None)
-            raise RestoreFailed(f"restore of {manifest.id} into {dest} failed, {untouched}: "
-                                f"{mask(text).splitlines()[0] if text else exc.__class__.__name__}",
-                                hint=mask(hint) if hint else None) from exc
-        raise
+        fail_restore(exc, manifest, str(dest), untouched)
     if meter is not None:
         meter.finish()
     notes = [f"it was open ({'; '.join(busy)}): restart that application now"] if busy else []
