@@ -301,6 +301,17 @@ def _major(version: str | None) -> int:
     return int(m.group(1)) if m else 15
 
 
+def _runuser() -> str:
+    """runuser, which runs the server as the data directory's owner when the sidecar is root; it lives in sbin,
+    which a minimal PATH (cron, env -i, some images) leaves out."""
+    found = shutil.which("runuser") or next((p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.path.exists(p)),
+                                            None)
+    if found is None:
+        raise PitrError("runuser not found: as root the server must run as the data directory's owner",
+                        hint="install util-linux, or run the sidecar as that user")
+    return found
+
+
 def _next_command(data_dir: Path, major: int) -> str:
     pg_ctl = pg_binary("pg_ctl", major)
     cmd = f"{pg_ctl} -D {data_dir} -l {data_dir}/recovery.log start"
@@ -308,7 +319,7 @@ def _next_command(data_dir: Path, major: int) -> str:
         import pwd
 
         user = pwd.getpwuid(_owner_of(data_dir)[0]).pw_name
-        cmd = f"runuser -u {user} -- {cmd}"
+        cmd = f"{_runuser()} -u {user} -- {cmd}"
     return cmd
 
 
@@ -443,7 +454,7 @@ class ScratchServer:
             import pwd
 
             uid, gid = _owner_of(data_dir)
-            self.runas = ["runuser", "-u", pwd.getpwuid(uid).pw_name, "--"]
+            self.runas = [_runuser(), "-u", pwd.getpwuid(uid).pw_name, "--"]
             scratch.chmod(0o755)
         self.sock.mkdir(exist_ok=True)
         self.hba.write_text("local all all trust\n")
