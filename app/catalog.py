@@ -21,7 +21,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Entry:
-    """One backup ID as seen across targets."""
+    """One backup ID as seen across targets.
+
+    Each target's copy has its own manifest: with BACKUP_ENCRYPT_TARGETS the copies differ in artifact key,
+    size, SHA-256 and encryption. ``manifest`` stands for the backup (an ok one before a failed one, one with
+    its fields in the clear before a sealed one); whatever reads a copy's bytes reads ``manifest_on(target)``.
+    """
 
     manifest: Manifest
     #: targets holding the manifest, and whether each also holds the artifact with the right size
@@ -30,6 +35,15 @@ class Entry:
     #: restore drills of this backup (app/drills.py): their keys per target, and the newest record
     drill_keys: dict[str, list[str]] = field(default_factory=dict)
     drill: dict | None = None
+    #: each target's own manifest of this backup
+    manifests: dict[str, Manifest] = field(default_factory=dict)
+
+    def manifest_on(self, target: str) -> Manifest:
+        """The manifest of the copy on ``target``: the one to read that copy's bytes with."""
+        return self.manifests.get(target, self.manifest)
+
+    def encrypted_on(self, target: str) -> bool:
+        return bool(self.manifest_on(target).encryption)
 
     @property
     def id(self) -> str:
@@ -128,10 +142,11 @@ def load_catalog(targets: Sequence[Target], database: str | None = None,
             referenced.update((key, manifest.artifact))
             artifact = objects.get(manifest.artifact)
             entry = merged.setdefault(manifest.id, Entry(manifest))
-            if manifest.ok and not entry.manifest.ok:
-                entry.manifest = manifest  # an ok copy wins over a failed one of the same ID
+            if _stands_better(manifest, entry.manifest):
+                entry.manifest = manifest
             entry.copies[target.name] = _intact(artifact, manifest)
             entry.manifest_keys[target.name] = key
+            entry.manifests[target.name] = manifest
         for key in sorted(k for k in objects if layout.drill_backup_id(k)):
             referenced.add(key)
             owner = merged.get(layout.drill_backup_id(key) or "")
@@ -147,6 +162,14 @@ def load_catalog(targets: Sequence[Target], database: str | None = None,
         ]
     entries = sorted(merged.values(), key=lambda e: (e.manifest.started_at, e.id), reverse=True)
     return Catalog(entries, orphans, errors)
+
+
+def _stands_better(m: Manifest, than: Manifest) -> bool:
+    """Whether ``m`` should stand for its backup instead of ``than``: an ok copy's manifest before a failed
+    one's, and one whose fields are in the clear (a plain copy's) before a sealed one this reader cannot open."""
+    if m.ok != than.ok:
+        return m.ok
+    return bool(than.sealed) and not m.sealed
 
 
 def _intact(artifact: ObjectInfo | None, manifest: Manifest) -> bool:
@@ -174,12 +197,13 @@ def merge_entries(per_target: Sequence[Sequence[Entry]]) -> list[Entry]:
             have = merged.get(e.id)
             if have is None:
                 merged[e.id] = Entry(e.manifest, dict(e.copies), dict(e.manifest_keys),
-                                     {k: list(v) for k, v in e.drill_keys.items()}, e.drill)
+                                     {k: list(v) for k, v in e.drill_keys.items()}, e.drill, dict(e.manifests))
                 continue
-            if e.manifest.ok and not have.manifest.ok:
+            if _stands_better(e.manifest, have.manifest):
                 have.manifest = e.manifest
             have.copies.update(e.copies)
             have.manifest_keys.update(e.manifest_keys)
+            have.manifests.update(e.manifests)
             for name, keys in e.drill_keys.items():
                 have.drill_keys.setdefault(name, []).extend(keys)
             if e.drill is not None and (have.drill is None or e.drill.get("_key", "") > have.drill.get("_key", "")):

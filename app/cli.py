@@ -9,12 +9,17 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from app import __version__, encryption
 from app.cancel import CancelToken
 from app.errors import SidecarError, UsageError
 from app.logs import mask, register_secrets, setup_logging
 from app.settings import ConfigError, Settings, describe, environment, load_settings
+
+if TYPE_CHECKING:
+    from app.catalog import Entry
+    from app.manifest import Manifest
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 #: `run` stops within about 10 s of SIGTERM; queued notifications get this long on top (none: no wait at all)
@@ -411,16 +416,17 @@ def _fetch(settings: Settings, args: argparse.Namespace) -> int:
     targets = make_targets(settings)
     entry = resolve_entry(targets, args.ref, args.db)
     source = pick_source(entry, targets, args.source)
-    name = entry.manifest.artifact.rsplit("/", 1)[-1]
+    manifest = entry.manifest_on(source.name)
+    name = manifest.artifact.rsplit("/", 1)[-1]
     if args.output == "-":
         if sys.stdout.isatty():
             raise SidecarError("refusing to write a binary backup to a terminal (hint: -o FILE, or pipe it: "
                                "-o - | zstd -dc | pg_restore ...)")
         out = sys.stdout.buffer
-        for chunk in stored_chunks(source, entry.manifest):
+        for chunk in stored_chunks(source, manifest):
             out.write(chunk)
         out.flush()
-        print(f"{entry.id}: {entry.manifest.size_bytes} bytes from {source.name}, sha256 verified", file=sys.stderr)
+        print(f"{entry.id}: {manifest.size_bytes} bytes from {source.name}, sha256 verified", file=sys.stderr)
         return EXIT_OK
     path = Path(args.output or name)
     if path.is_dir():
@@ -430,7 +436,7 @@ def _fetch(settings: Settings, args: argparse.Namespace) -> int:
     partial = path.with_name(f"{path.name}.partial")
     try:
         with open(partial, "wb") as f:
-            for chunk in stored_chunks(source, entry.manifest):
+            for chunk in stored_chunks(source, manifest):
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
@@ -438,8 +444,8 @@ def _fetch(settings: Settings, args: argparse.Namespace) -> int:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    print(f"{path}: {entry.id}, {entry.manifest.size_bytes} bytes from {source.describe()}, sha256 "
-          f"{entry.manifest.sha256} verified")
+    print(f"{path}: {entry.id}, {manifest.size_bytes} bytes from {source.describe()}, sha256 "
+          f"{manifest.sha256} verified")
     return EXIT_OK
 
 
@@ -478,9 +484,21 @@ def _lock_states(settings: Settings, targets: list, entries: list) -> dict[str, 
     states = {}
     for e in entries:
         if e.copies.get("s3"):
-            until, held = s3.lock_state(e.manifest.artifact)
+            until, held = s3.lock_state(e.manifest_on("s3").artifact)
             states[e.id] = {"retain_until": until.isoformat() if until else None, "held": held}
     return states
+
+
+def _encryption_cell(e: Entry) -> str:
+    """The fingerprints each backup's copies are encrypted to: one list when every copy agrees, else per target
+    (BACKUP_ENCRYPT_TARGETS=s3: ``nas:- s3:FP``), ``-`` for a plain copy."""
+    def cell(m: Manifest) -> str:
+        return ",".join((m.encryption or {}).get("recipients") or []) or "-"
+
+    per = {name: cell(m) for name, m in sorted(e.manifests.items()) if e.copies.get(name)} or {"": cell(e.manifest)}
+    if len(set(per.values())) == 1:
+        return next(iter(per.values()))
+    return " ".join(f"{name}:{value}" for name, value in per.items())
 
 
 def _lock_cell(state: dict | None) -> str:
@@ -511,6 +529,9 @@ def _list(settings: Settings, database: str | None, as_json: bool) -> int:
             doc = json.loads(e.manifest.to_json())
             doc["state"] = e.status
             doc["stored_on"] = sorted(name for name, ok in e.copies.items() if ok)
+            doc["copies"] = {name: {"artifact": m.artifact, "size_bytes": m.size_bytes, "sha256": m.sha256,
+                                    "encryption": m.encryption, "intact": e.copies.get(name, False)}
+                             for name, m in sorted(e.manifests.items())}
             doc["last_drill"] = {k: v for k, v in e.drill.items() if k != "_key"} if e.drill else None
             doc["foreign"] = e.id in foreign
             if e.id in locks:
@@ -530,7 +551,7 @@ def _list(settings: Settings, database: str | None, as_json: bool) -> int:
                 + (" (warnings)" if e.manifest.sanity else ""),
                 ",".join(sorted(n for n, ok in e.copies.items() if ok)) or "-",
                 _drill_cell(e.drill),
-                ",".join((e.manifest.encryption or {}).get("recipients") or []) or "-",
+                _encryption_cell(e),
                 _lock_cell(locks.get(e.id)),
                 str(len(e.manifest.warnings)) if e.manifest.warnings else "-",
             )

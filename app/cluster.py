@@ -78,8 +78,8 @@ def restore_cluster(settings: Settings, targets: Sequence[Target], *, source: st
         else:
             t0 = time.monotonic()
             try:
-                said = apply_globals(db, archive_chunks(pick_source(globals_entry, targets, source),
-                                                        globals_entry.manifest))
+                reader = pick_source(globals_entry, targets, source)
+                said = apply_globals(db, archive_chunks(reader, globals_entry.manifest_on(reader.name)))
             except SidecarError as exc:
                 outcome = Outcome("(globals)", globals_entry.id, False, mask(str(exc)))
                 emit(outcome.line())

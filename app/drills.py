@@ -37,6 +37,7 @@ from app.logs import mask
 from app.manifest import utc_iso
 from app.readpath import archive_chunks
 from app.restore import Options, one_transaction_fits, stream_into_database
+from app.selection import pick_source
 from app.settings import DatabaseSettings, Settings
 from app.targets import Target, TargetError, make_targets
 
@@ -118,8 +119,8 @@ class Drill:
                             "(hint: set BACKUP_GLOBALS=true)")
                 return None
             entry = good[0]
-            source = entry.good_targets(self.targets)[0]
-            apply_globals(self.server, archive_chunks(source, entry.manifest))
+            source = pick_source(entry, self.targets, None)
+            apply_globals(self.server, archive_chunks(source, entry.manifest_on(source.name)))
             log.info("drill server %s: globals %s applied", self.where(), entry.id)
         except SidecarError as exc:
             self._globals = f"the globals could not be applied to the drill server {self.where()}: {mask(str(exc))}"
@@ -127,7 +128,7 @@ class Drill:
 
     def run(self, entry: Entry, source: Target) -> DrillRecord:
         """Restore ``entry`` into a scratch database, compare, drop it; never raises for a failed drill."""
-        m = entry.manifest
+        m = entry.manifest_on(source.name)
         started = datetime.now(UTC)
         record = DrillRecord(m.id, m.database, "failed", utc_iso(started) or "", server=self.where(),
                              source=source.name)
@@ -182,7 +183,7 @@ class Drill:
         return record
 
     def _restore_and_compare(self, record: DrillRecord, source: Target, entry: Entry, name: str, t0: float) -> None:
-        m = entry.manifest
+        m = entry.manifest_on(source.name)
         full = bool(self._superuser)
         try:
             fits = m.format == "custom" and one_transaction_fits(self.server, m)[0]
@@ -255,7 +256,7 @@ def drill_latest(settings: Settings, notifier: Notifier | None = None) -> list[D
                 newest.setdefault(e.manifest.database, e)
         drill = Drill(settings, targets)
         for entry in newest.values():
-            record = drill.run(entry, entry.good_targets(targets)[0])
+            record = drill.run(entry, pick_source(entry, targets, None))
             store(targets, entry, record)
             records.append(record)
             log.info("drill of %s: %s: %s", entry.id, record.status, record.detail())

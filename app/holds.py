@@ -22,10 +22,11 @@ def hold_command(settings: Settings, ref: str, database: str | None, on: bool) -
     [target] = [t for t in make_targets(settings) if isinstance(t, S3Target)]
     target.check()
     entry = resolve_entry([target], ref, database)  # the one selector: its errors say why there is none
-    keys = [entry.manifest.artifact, entry.manifest_keys["s3"]] + entry.drill_keys.get("s3", [])
+    artifact = entry.manifest_on("s3").artifact
+    keys = [artifact, entry.manifest_keys["s3"]] + entry.drill_keys.get("s3", [])
     for key in keys:
         target.hold(key, on)
-    until, _ = target.lock_state(entry.manifest.artifact)
+    until, _ = target.lock_state(artifact)
     after = f"; retained until {until:%Y-%m-%d %H:%M} UTC" if until else ""
     if on:
         return f"held {entry.id}: {len(keys)} object(s) on S3 cannot be deleted until released{after}"

@@ -245,7 +245,7 @@ def confirm_restore(entry: Entry, target: Target, where: str, tables: int, exist
         raise SidecarError("restore needs confirmation but stdin is not a terminal", hint="add --yes")
     what = (f"replacing the database and its {tables} tables" if tables
             else ("creating it" if not exists else ""))
-    question = (f"Restore {entry.id} ({format_size(entry.manifest.size_bytes)}, finished "
+    question = (f"Restore {entry.id} ({format_size(entry.manifest_on(target.name).size_bytes)}, finished "
                 f"{utc_iso(entry.manifest.finished_at) or '?'}) from {target.name} into {where}"
                 f"{', ' + what if what else ''}? Type yes to go ahead: ")
     if not (confirm or ask_on_terminal)(question):
@@ -293,6 +293,7 @@ def restore(settings: Settings, targets: Sequence[Target], ref: str, to_db: str,
                            "be left out", hint="restore as a role that is a member of the owners (or a superuser), "
                                                "or switch to BACKUP_FORMAT=custom for --no-owner/--no-acl")
     target = pick_source(entry, targets, source)
+    manifest = entry.manifest_on(target.name)
     where = f"{db.host}:{db.port}/{to_db}"
     exists = dbadmin.database_exists(db, to_db)
     for left in dbadmin.databases_like(db, STAGING_PREFIX):

@@ -45,7 +45,7 @@ def restore_files_command(settings: Settings, ref: str, to_dir: Path, *, force: 
     if dest.exists() and any(dest.iterdir()) and not force:
         raise SidecarError(f"{dest} is not empty (hint: restore into an empty directory, or pass --force to "
                            "write over what is there)")
-    manifest = entry.manifest
+    manifest = entry.manifest_on(target.name)
     try:
         checked = check_tar(archive_chunks(target, manifest))
     except ArchiveInvalid as exc:

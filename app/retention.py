@@ -251,10 +251,10 @@ class Plan:
                 "deletion until then, and a later prune deletes them")
 
 
-def _safe_artifact_key(entry: Entry, manifest_key: str) -> str | None:
+def _safe_artifact_key(entry: Entry, target: str, manifest_key: str) -> str | None:
     """The artifact key of ``entry`` if it has our naming beside its manifest; a manifest that points anywhere
     else (hand-edited, foreign) never makes prune delete that object."""
-    key = entry.manifest.artifact
+    key = entry.manifest_on(target).artifact
     directory = manifest_key.rsplit("/", 1)[0]
     for ext in layout.ARTIFACT_EXTS:
         if key == f"{directory}/{entry.id}.{ext}":
@@ -280,7 +280,7 @@ def prune(settings: Settings, targets: Sequence[Target], dry_run: bool = False,
     entries = {e.id: e for e in catalog.entries}
     plan.decisions = decide(entries.values(), plan.policy, now, cluster, protect)
     plan.decisions, wal_plan = _plan_wal(targets, entries, plan.decisions, plan)
-    referenced = {e.manifest.artifact for e in entries.values()}
+    referenced = {m.artifact for e in entries.values() for m in [e.manifest, *e.manifests.values()]}
     for target in targets:
         for obj in catalog.orphans.get(target.name, []):
             if obj.key not in referenced and _artifact_name(obj.key):
@@ -411,9 +411,10 @@ def _delete_backup(entry: Entry, targets: Sequence[Target], plan: Plan, failing:
             if f"{target.name}:{manifest_key}" in plan.locked:
                 plan.locked_backups.add(entry.id)
             continue  # the manifest stays, so its artifact must stay too
-        artifact_key = _safe_artifact_key(entry, manifest_key)
+        artifact_key = _safe_artifact_key(entry, target.name, manifest_key)
         if artifact_key is None:
-            plan.errors.append(f"{entry.id}: manifest names {entry.manifest.artifact!r}, which is not beside it; "
+            plan.errors.append(f"{entry.id}: manifest names {entry.manifest_on(target.name).artifact!r}, which is "
+                               "not beside it; "
                                "left in place (hint: remove it by hand if it is really this backup's)")
             continue
         if not _delete_key(target, artifact_key, None, plan, failing):

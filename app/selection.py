@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from app import layout
+from app import encryption, layout
 from app.catalog import Catalog, Entry, load_catalog
 from app.errors import SidecarError, UsageError
 from app.identity import of_manifest
@@ -84,10 +84,12 @@ def _names(targets: Sequence[Target]) -> str:
 
 
 def pick_source(entry: Entry, targets: Sequence[Target], source: str | None) -> Target:
-    """The target to read from: ``source`` when given, else the first (NAS before S3) holding a whole copy."""
+    """The target to read from: ``source`` when given, else the first (NAS before S3) holding a whole copy,
+    one this process can decrypt before one it cannot (BACKUP_ENCRYPT_TARGETS: a plain NAS copy needs no key)."""
     holding = entry.good_targets(targets)
     if source is None:
-        return holding[0]
+        no_key = encryption.identity() is None
+        return sorted(holding, key=lambda t: no_key and entry.encrypted_on(t.name))[0]
     chosen = [t for t in holding if t.name == source]
     if not chosen:
         where = ", ".join(t.name for t in holding)

@@ -28,6 +28,7 @@ from app.logs import mask
 from app.manifest import Manifest
 from app.proc import Child, scratch_env
 from app.readpath import IntegrityError, compression_of, stored_chunks
+from app.selection import pick_source
 from app.settings import Settings
 from app.targets import Target, TargetError, make_targets
 
@@ -243,10 +244,10 @@ def _blame(exc: Exception, stored: Iterator[bytes] | None, manifest: Manifest) -
 def verify_entry(entry: Entry, targets: Sequence[Target]) -> list[Check]:
     """Every target that holds this backup's manifest must hold a whole, intact copy."""
     checks: list[Check] = []
-    m = entry.manifest
     for target in targets:
         if target.name not in entry.manifest_keys:
             continue
+        m = entry.manifest_on(target.name)  # each copy is checked against its own manifest
         if not entry.copies.get(target.name):
             checks.append(Check(entry.id, target.name, False, _missing(target, m)))
             continue
@@ -365,11 +366,10 @@ def _restore_test_for(drill: Drill, entry: Entry, targets: Sequence[Target], che
     m = entry.manifest
     if m.kind != "database" or m.format not in ("custom", "plain", "sqlite"):
         return Check(entry.id, "restore-test", True, f"skipped: a {m.kind} archive is not restored into a database")
-    intact = {c.where for c in checks if c.ok}
-    source = next((t for t in targets if t.name in intact), None)
-    if source is None:
+    intact = [t for t in targets if t.name in {c.where for c in checks if c.ok} and entry.copies.get(t.name)]
+    if not intact:
         return Check(entry.id, "restore-test", False, "not run: no intact copy to restore from")
-    return restore_test(drill, entry, source)
+    return restore_test(drill, entry, pick_source(entry, intact, None))  # a copy this process can decrypt first
 
 
 def verify_command(settings: Settings, ref: str, all_: bool, database: str | None, restore_test: bool,

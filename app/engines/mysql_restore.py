@@ -243,6 +243,7 @@ def restore_mariadb(settings: Settings, targets: Sequence[Target], entry: Entry,
         raise SidecarError(f"database name {to_db!r} is too long for a staged restore",
                            hint=f"use a name of at most {64 - len(STAGING_PREFIX) - 9} characters")
     target = pick_source(entry, targets, source)
+    manifest = entry.manifest_on(target.name)
     where = mysql.where(db, to_db)
     exists = mysql.database_exists(db, to_db)
     for left in mysql.databases_like(db, STAGING_PREFIX) + mysql.databases_like(db, RETIRED_PREFIX):
@@ -312,10 +313,10 @@ def drill(server: DatabaseSettings, source_db: DatabaseSettings, entry: Entry, t
     from app import contents
     from app.drills import SCRATCH_PREFIX, same_server
 
-    m = entry.manifest
+    m = entry.manifest_on(target.name)
     if not same_server(server, source_db) and globals_entry is not None:
         try:
-            apply_globals(server, globals_entry, globals_entry.good_targets(targets)[0])
+            apply_globals(server, globals_entry, pick_source(globals_entry, targets, None))
         except SidecarError as exc:
             record.error = f"the users and grants could not be applied to the drill server: {mask(str(exc))}"
             return
@@ -352,6 +353,6 @@ def apply_globals(server: DatabaseSettings, entry: Entry, target: Target) -> lis
     """Users and grants of a globals backup into ``server`` (CREATE USER IF NOT EXISTS keeps existing ones)."""
     with mysql.client(server, mysql.client_binary(), ["--batch", "--default-character-set=utf8mb4"],
                       feeds=True) as feed:
-        for chunk in archive_chunks(target, entry.manifest):
+        for chunk in archive_chunks(target, entry.manifest_on(target.name)):
             feed.write(chunk)
         return feed.finish()

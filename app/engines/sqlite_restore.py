@@ -73,9 +73,9 @@ def restore_sqlite(settings: Settings, targets: Sequence[Target], entry: Entry, 
                    confirm: Callable[[str], bool] | None, progress: bool) -> Any:
     from app.restore import RestoreResult, confirm_restore, fail_restore
 
-    manifest = entry.manifest
     dest = destination(settings, to)
     target = pick_source(entry, targets, source)
+    manifest = entry.manifest_on(target.name)
     exists = dest.exists()
     if not exists and not create:
         raise SidecarError(f"{dest} does not exist", hint="add --create to create it")
@@ -123,7 +123,7 @@ def restore_sqlite(settings: Settings, targets: Sequence[Target], entry: Entry, 
 
 def drill(entry: Entry, target: Target, record: Any) -> None:
     """Restore into a scratch file, PRAGMA integrity_check, compare row counts; the file is always removed."""
-    m = entry.manifest
+    m = entry.manifest_on(target.name)
     fd, name = tempfile.mkstemp(prefix="backup_sidecar_restore_test_", suffix=".sqlite")
     os.close(fd)
     os.unlink(name)
