@@ -34,7 +34,7 @@ from app.errors import SidecarError
 from app.leases import Lease, LeaseLost
 from app.logs import mask
 from app.manifest import Manifest
-from app.pipeline import Streamed, pump
+from app.pipeline import pump
 from app.proc import Child
 from app.settings import Settings
 from app.targets.base import Target, TargetError, Upload
@@ -130,8 +130,9 @@ class _Copy:
     """One target's copy in this run: its upload and what became of it. write() never raises a target's
     failure: it records it and drops the copy, so the stream goes on for the others."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, encrypted: bool) -> None:
         self.target = target
+        self.encrypted = encrypted  # BACKUP_ENCRYPT_TARGETS: this copy stores the ciphertext
         self.upload: Upload | None = None
         self.error: str | None = None
         self.checked = False  # passed check(): only then may a failed manifest be written there
@@ -158,17 +159,19 @@ class _Copy:
 
 
 class _Fanout:
-    """The pipeline's sink: every live copy gets the bytes; when none is left, the run stops."""
+    """A sink of the pipeline: every live copy of one stream (plain or encrypted) gets the bytes; when no copy
+    of the run is left, of either stream, the run stops."""
 
-    def __init__(self, copies: Sequence[_Copy]) -> None:
+    def __init__(self, copies: Sequence[_Copy], run: Sequence[_Copy]) -> None:
         self.copies = copies
+        self.run = run
 
     def write(self, data: bytes) -> None:
         for copy in self.copies:
             copy.write(data)
-        if not any(c.alive for c in self.copies):
+        if not any(c.alive for c in self.run):
             raise SidecarError("no target took the backup: " + "; ".join(f"{c.target.name}: {c.error}"
-                                                                        for c in self.copies))
+                                                                        for c in self.run))
 
 
 class _Run:
@@ -178,18 +181,21 @@ class _Run:
         self.artifact = artifact
         self.budget = budget
         self.lease = lease
-        self.copies = [_Copy(t) for t in targets]
+        self.copies = [_Copy(t, settings.encryption.applies_to(t.name)) for t in targets]
         with Budget(min(budget.deadline or math.inf, time.monotonic() + CHECK_S), budget.cancel).scope():
             started = _free_stamp(targets, artifact.name, now_utc())
         compression = settings.dump.compression
         self.recipients = settings.encryption.recipients
-        ext = layout.artifact_ext(artifact.format, compression, encrypted=bool(self.recipients))
+        #: each stream's artifact key: the plain copies' and the encrypted copies' (``.age``)
+        self.keys = {enc: layout.artifact_key(artifact.name, started, layout.artifact_ext(
+            artifact.format, compression, encrypted=enc)) for enc in (False, True)}
+        #: the backup as the plain copies record it; the encrypted copies' manifest is ``self.sealed``
         self.manifest = Manifest(
             id=layout.backup_id(artifact.name, started), status="failed", database=artifact.name,
             started_at=started, finished_at=None, host=settings.hostname, format=artifact.format,
-            compression=compression, artifact=layout.artifact_key(artifact.name, started, ext), kind=artifact.kind,
-            slot=slot, encryption=encryption.described(self.recipients) if self.recipients else None,
+            compression=compression, artifact=self.keys[False], kind=artifact.kind, slot=slot,
         )
+        self.sealed: Manifest | None = None
         self.manifest_key = layout.manifest_key(artifact.name, started)
         self.t0 = time.monotonic()
         self.run_error: str | None = None  # what ended the run as a whole (not one target's trouble)
@@ -211,7 +217,7 @@ class _Run:
             estimate = _estimate(self.artifact)
             for copy in self._alive():
                 try:
-                    copy.upload = copy.target.begin(m.artifact, size_hint=estimate)
+                    copy.upload = copy.target.begin(self.keys[copy.encrypted], size_hint=estimate)
                 except TargetError as exc:
                     copy.fail(exc)
             if not self._alive():
@@ -219,19 +225,26 @@ class _Run:
                     f"{c.target.name}: {c.error}" for c in self.copies))
             with self.artifact.open_source() as (chunks, finish):
                 comp = compressor(m.compression, self.settings.dump.level)
-                streamed = pump(chunks, comp, [_Fanout(self.copies)], self.check, self.recipients)
+                plain = [c for c in self.copies if not c.encrypted]
+                sealed = [c for c in self.copies if c.encrypted]
+                pumped = pump(chunks, comp, [_Fanout(plain, self.copies)] if plain else [], self.check,
+                              self.recipients, [_Fanout(sealed, self.copies)] if sealed else [])
                 m.warnings = finish()
             for key, value in self.artifact.recorded().items():
                 setattr(m, key, value)
-            if self.recipients:  # table names and the database's properties are not for a bucket's readers
-                self.manifest = m = encryption.seal(m, self.recipients)
-            if streamed.raw_bytes == 0:
+            if pumped.raw_bytes == 0:
                 raise SidecarError(
                     f"{self.artifact.name}: the dump produced no data (hint: check the database and PGDUMP_EXTRA_OPTS)"
                 )
-            m.size_bytes, m.sha256, m.raw_bytes = streamed.size, streamed.sha256, streamed.raw_bytes
+            m.raw_bytes = pumped.raw_bytes
+            if pumped.plain is not None:
+                m.size_bytes, m.sha256 = pumped.plain.size, pumped.plain.sha256
+            if pumped.encrypted is not None:  # table names and the database's properties are not for its readers
+                self.sealed = encryption.seal(replace(
+                    m, artifact=self.keys[True], encryption=encryption.described(self.recipients),
+                    size_bytes=pumped.encrypted.size, sha256=pumped.encrypted.sha256), self.recipients)
             for copy in self._alive():
-                self._publish(copy, streamed)
+                self._publish(copy)
         except BaseException as exc:
             self._cleanup(exc)
             if isinstance(exc, Exception):
@@ -241,9 +254,10 @@ class _Run:
         outcome = self._outcome()
         if not outcome.ok:
             raise BackupFailed(outcome)
-        log.info("backup %s ok: %d bytes stored (%d raw) on %s, sha256 %s, %.1fs", m.id, streamed.size,
-                 streamed.raw_bytes, ", ".join(c.target.name for c in self.copies if c.published),
-                 streamed.sha256[:16], time.monotonic() - self.t0)
+        log.info("backup %s ok: %s (%d raw), %.1fs", m.id, "; ".join(
+            f"{c.target.name}: {self._stream(c).size_bytes} bytes{' encrypted' if c.encrypted else ''}, sha256 "
+            f"{(self._stream(c).sha256 or '')[:16]}" for c in self.copies if c.published), m.raw_bytes,
+            time.monotonic() - self.t0)
         return outcome
 
     def _alive(self) -> list[_Copy]:
@@ -262,17 +276,17 @@ class _Run:
         if not self._alive():
             raise SidecarError("; ".join(c.error or "" for c in self.copies))
 
-    def _publish(self, copy: _Copy, streamed: Streamed) -> None:
+    def _publish(self, copy: _Copy) -> None:
         """Commit one copy, check what was stored, write its own ok manifest; a failure here is this copy's."""
-        m = self.manifest
-        assert copy.upload is not None
+        m = self._stream(copy)
+        assert copy.upload is not None and m.sha256 is not None
         self.check()  # the lease, once more, right before this copy becomes visible
         try:
-            copy.stored = copy.upload.commit(streamed.sha256)
+            copy.stored = copy.upload.commit(m.sha256)
         except TargetError as exc:
             copy.fail(exc)
             return
-        problem = _stored_problem(copy.target, m.artifact, streamed.size)
+        problem = _stored_problem(copy.target, m.artifact, m.size_bytes)
         if problem is None:
             doc = self._manifest_for(copy, "ok")
             try:
@@ -286,13 +300,25 @@ class _Run:
         copy.published = True
         log.info("backup %s: copy on %s published", m.id, copy.target.describe())
 
+    def _stream(self, copy: _Copy) -> Manifest:
+        """The backup as ``copy`` stores it: the plain stream, or the encrypted one with its sealed fields."""
+        if not copy.encrypted:
+            return self.manifest
+        if self.sealed is not None:
+            return self.sealed
+        # a run that failed before its stream ended: a failed manifest names no table and no property
+        return encryption.stripped(replace(self.manifest, artifact=self.keys[True],
+                                           encryption=encryption.described(self.recipients)))
+
     def _manifest_for(self, copy: _Copy, status: str) -> Manifest:
-        m = self.manifest
+        m = self._stream(copy)
+        warnings = list(self.manifest.warnings)
         if status == "ok":
             return replace(m, status="ok", finished_at=now_utc(), error=None, target=copy.target.name,
-                           stored_checksum=copy.stored, warnings=list(m.warnings))
-        return replace(m, status="failed", finished_at=now_utc(), error=copy.error, size_bytes=0, sha256=None,
-                       target=copy.target.name, stored_checksum=None, warnings=list(m.warnings))
+                           stored_checksum=copy.stored, warnings=warnings)
+        return replace(encryption.stripped(m) if copy.encrypted else m, status="failed", finished_at=now_utc(),
+                       error=copy.error, size_bytes=0, sha256=None, target=copy.target.name, stored_checksum=None,
+                       warnings=warnings)
 
     def _cleanup(self, exc: BaseException | None) -> None:
         """Fail every copy that is not published, abort its upload and write its failed manifest, NAS first
@@ -330,7 +356,8 @@ class _Run:
 
     def _outcome(self) -> Manifest:
         """The run's own manifest (for the CLI, /health, notifications): ok when the policy's copies exist."""
-        m = replace(self.manifest, finished_at=now_utc(), warnings=list(self.manifest.warnings))
+        first = next((c for c in self.copies if c.published), self.copies[0])
+        m = replace(self._stream(first), finished_at=now_utc(), warnings=list(self.manifest.warnings))
         held = [c.target.name for c in self.copies if c.published]
         missing = [c for c in self.copies if not c.published]
         policy = self.settings.dump.ok_policy

@@ -55,14 +55,20 @@ class EncryptionError(SidecarError):
 
 @dataclass(frozen=True)
 class EncryptionSettings:
-    """BACKUP_ENCRYPT_RECIPIENTS(_FILE) and AGE_IDENTITY_FILE."""
+    """BACKUP_ENCRYPT_RECIPIENTS(_FILE), BACKUP_ENCRYPT_TARGETS and AGE_IDENTITY_FILE."""
 
     recipients: tuple[str, ...] = ()
     identity_file: Path | None = None
+    #: the targets whose copies are encrypted (BACKUP_ENCRYPT_TARGETS); None: every target
+    targets: tuple[str, ...] | None = None
 
     @property
     def on(self) -> bool:
         return bool(self.recipients)
+
+    def applies_to(self, target: str) -> bool:
+        """Whether copies on ``target`` (``nas``, ``s3``) are encrypted."""
+        return self.on and (self.targets is None or target in self.targets)
 
 
 def parse_recipients(text: str, where: str) -> tuple[list[str], list[str]]:
@@ -126,10 +132,15 @@ def check_identity(identity_file: Path | None, what: str) -> Path:
 # --- the manifest's sensitive fields ----------------------------------------------------------------------
 #: what ``seal`` moves out of the clear: table names with their row counts, and the database's properties
 #: (owner, ACL, settings, comment). Object counts stay readable: the output sanity check compares them.
+def stripped(m: Manifest) -> Manifest:
+    """``m`` without its sensitive fields (a failed manifest of an encrypted copy needs none of them)."""
+    contents = {k: v for k, v in (m.contents or {}).items() if k != "rows"}
+    return replace(m, contents=contents or None, database_properties=None, sealed=None)
+
+
 def seal(m: Manifest, recipients: Sequence[str]) -> Manifest:
     """``m`` with its sensitive fields encrypted to ``recipients`` into ``sealed`` (an age-armored JSON)."""
-    contents = dict(m.contents or {})
-    secret = {"rows": contents.pop("rows", None), "database_properties": m.database_properties}
+    secret = {"rows": (m.contents or {}).get("rows"), "database_properties": m.database_properties}
     if secret["rows"] is None and secret["database_properties"] is None:
         return m
     try:
@@ -139,7 +150,7 @@ def seal(m: Manifest, recipients: Sequence[str]) -> Manifest:
     if done.returncode != 0:
         raise EncryptionError(f"age cannot seal the manifest of {m.id}: {done.stderr.strip()[:200]}",
                               hint="check BACKUP_ENCRYPT_RECIPIENTS")
-    return replace(m, contents=contents or None, database_properties=None, sealed=done.stdout)
+    return replace(stripped(m), sealed=done.stdout)
 
 
 _opened: dict[str, dict[str, object] | None] = {}
@@ -173,10 +184,9 @@ def _encrypt_argv(recipients: Sequence[str], *extra: str) -> list[str]:
     return ["age", "--encrypt", *extra, *(arg for r in recipients for arg in ("-r", r))]
 
 
-def encrypted(chunks: Iterable[bytes], recipients: Sequence[str]) -> Iterator[bytes]:
-    """The ciphertext of ``chunks`` (the compressed stream), from ``age --encrypt`` run as a filter."""
-    return filtered(Child(_encrypt_argv(recipients), scratch_env(), feeds=True, passes=True, name="age",
-                          hint=_INSTALL_HINT), chunks)
+def encryptor(recipients: Sequence[str]) -> Child:
+    """``age --encrypt`` as a filter process (app.pipeline feeds it the compressed stream and reads it)."""
+    return Child(_encrypt_argv(recipients), scratch_env(), feeds=True, passes=True, name="age", hint=_INSTALL_HINT)
 
 
 def decrypted(chunks: Iterable[bytes], identity_file: Path, what: str) -> Iterator[bytes]:

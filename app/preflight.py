@@ -350,7 +350,13 @@ def _encryption(settings: Settings) -> list[Finding]:
             found.append(Finding(FAIL, "encryption", "BACKUP_ENCRYPT_RECIPIENTS is set but age is not installed "
                                  "(hint: apt-get install age; the image has it)"))
         else:
-            found.append(Finding(OK, "encryption", f"age to {len(enc.recipients)} recipient(s): {prints}"))
+            which = ""
+            if enc.targets is not None:
+                configured = [n for n, on in (("nas", settings.nas), ("s3", settings.s3)) if on is not None]
+                plain = [n for n in configured if n not in enc.targets]
+                which = f"; copies on {', '.join(enc.targets)} only" + (
+                    f", the copies on {', '.join(plain)} are not encrypted" if plain else "")
+            found.append(Finding(OK, "encryption", f"age to {len(enc.recipients)} recipient(s): {prints}{which}"))
     if enc.identity_file is not None:
         try:
             opens = encryption.identity_fingerprints(encryption.check_identity(enc.identity_file, "restore"))

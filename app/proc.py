@@ -23,6 +23,7 @@ from types import TracebackType
 
 from app.cancel import Cancelled, CancelToken
 from app.deadline import current as current_budget
+from app.deadline import run_in_context
 from app.durations import format_duration
 from app.errors import SidecarError
 from app.logs import mask
@@ -347,13 +348,13 @@ def _install_hint(binary: str) -> str:
 
 class _Feeder:
     """Writes ``chunks`` into a filter's stdin on a thread of its own while the caller reads its stdout (one
-    thread doing both would deadlock once both pipes are full). ``join`` re-raises what the feed raised."""
+    thread doing both would deadlock once both pipes are full). ``join`` re-raises what the feed raised. The
+    thread sees the caller's budget: what produces ``chunks`` may store bytes too (a backup's plain copies)."""
 
     def __init__(self, chunks: Iterable[bytes], child: Child) -> None:
         self.failure: BaseException | None = None
         self._child = child
-        self._thread = threading.Thread(target=self._run, args=(chunks,), name=f"{child.name}-feed", daemon=True)
-        self._thread.start()
+        self._thread = run_in_context(lambda: self._run(chunks), f"{child.name}-feed")
 
     def _run(self, chunks: Iterable[bytes]) -> None:
         try:

@@ -62,7 +62,8 @@ KNOWN_SETTINGS = frozenset({
     "WAL_CRIT_AGE", "WAL_SLOT_WARN_SIZE", "WAL_SLOT_CRIT_SIZE",
     "MYSQL_HOST", "MYSQL_PORT", "MYSQL_DATABASE", "MYSQL_USER", "MYSQL_PASSWORD", "MYSQL_CONNECT_TIMEOUT",
     "MARIADB_HOST", "MARIADB_PORT", "MARIADB_DATABASE", "MARIADB_USER", "MARIADB_PASSWORD", "MARIADB_CONNECT_TIMEOUT",
-    "MYSQLDUMP_LOCK_ALL_TABLES", "SQLITE_PATHS", "BACKUP_ENCRYPT_RECIPIENTS", "AGE_IDENTITY_FILE",
+    "MYSQLDUMP_LOCK_ALL_TABLES", "SQLITE_PATHS", "BACKUP_ENCRYPT_RECIPIENTS", "BACKUP_ENCRYPT_TARGETS",
+    "AGE_IDENTITY_FILE",
 }) | {f"{name}_FILE" for name in FILE_VARS}
 
 #: Prefixes of the sidecar's own settings: an unknown name with one of them is most likely a typo.
@@ -480,7 +481,7 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None
     if wal.enabled and db.engine != "postgresql":
         r.problems.append(f"WAL_ARCHIVE=true needs a PostgreSQL server, and this sidecar's is {db.engine} "
                           "(hint: point-in-time recovery is PostgreSQL only; set WAL_ARCHIVE=false)")
-    encryption = _encryption(r)
+    encryption = _encryption(r, nas, s3)
     if encryption.on and wal.enabled:
         r.problems.append("WAL_ARCHIVE=true with BACKUP_ENCRYPT_RECIPIENTS: the WAL archive and base backups are "
                           "not encrypted yet (hint: encrypt the dumps and leave WAL_ARCHIVE off, or the other way "
@@ -497,14 +498,29 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None
     )
 
 
-def _encryption(r: _Reader) -> EncryptionSettings:
-    """BACKUP_ENCRYPT_RECIPIENTS (or _FILE, an age recipients file) and AGE_IDENTITY_FILE."""
+def _encryption(r: _Reader, nas: NasSettings | None, s3: S3Settings | None) -> EncryptionSettings:
+    """BACKUP_ENCRYPT_RECIPIENTS (or _FILE, an age recipients file), BACKUP_ENCRYPT_TARGETS and AGE_IDENTITY_FILE."""
     name = "BACKUP_ENCRYPT_RECIPIENTS"
     where = f"{name}_FILE" if r.env.get(f"{name}_FILE") else name
     recipients, problems = parse_recipients(r.raw("BACKUP_ENCRYPT_RECIPIENTS") or "", where)
     r.problems.extend(problems)
     identity = r.str("AGE_IDENTITY_FILE")
-    return EncryptionSettings(tuple(dict.fromkeys(recipients)), Path(identity).absolute() if identity else None)
+    configured = [n for n, on in (("nas", nas), ("s3", s3)) if on is not None]
+    names = [n.lower() for n in r.list("BACKUP_ENCRYPT_TARGETS", "all")] or ["all"]
+    targets: tuple[str, ...] | None = None
+    if names != ["all"]:
+        wrong = [n for n in names if n not in configured]
+        if wrong:
+            r.problems.append(
+                f"BACKUP_ENCRYPT_TARGETS={','.join(names)}: {', '.join(wrong)} is not a configured target "
+                f"(hint: all, or a comma list of {', '.join(configured) or 'configured targets'}, e.g. s3 to "
+                "encrypt the off-site copy only)")
+        elif not recipients and not problems:
+            r.problems.append(f"BACKUP_ENCRYPT_TARGETS={','.join(names)} without BACKUP_ENCRYPT_RECIPIENTS: "
+                              "nothing would be encrypted (hint: set the recipients' age public keys too)")
+        targets = tuple(dict.fromkeys(names))
+    return EncryptionSettings(tuple(dict.fromkeys(recipients)), Path(identity).absolute() if identity else None,
+                              targets)
 
 
 #: A token that guards the status page over the network must not be guessable by trying.

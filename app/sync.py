@@ -19,16 +19,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
+from app import encryption
 from app.backup import CLEANUP_S
 from app.cancel import Cancelled, CancelToken
 from app.catalog import Entry, load_catalog
+from app.compression import compressor
 from app.deadline import Budget, DeadlineExceeded
 from app.errors import SidecarError
 from app.layout import manifest_key_for_id
 from app.logs import mask
 from app.manifest import Manifest, ManifestError
+from app.pipeline import pump
+from app.readpath import stored_chunks
 from app.settings import Settings
-from app.targets.base import ObjectLocked, Target, TargetError
+from app.targets.base import ObjectLocked, Target, TargetError, Upload
 
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
@@ -66,20 +70,24 @@ def sync(settings: Settings, targets: Sequence[Target], cancel: CancelToken | No
         except (TargetError, DeadlineExceeded) as exc:
             report.unavailable[target.name] = mask(str(exc))
     for entry in _kept(settings, catalog.entries):
-        sources = [t for t in ready if entry.copies.get(t.name)]
+        holding = [t for t in ready if entry.copies.get(t.name)]
         for dest in ready:
-            if cancel.cancelled or entry.copies.get(dest.name) or not sources:
+            if cancel.cancelled or entry.copies.get(dest.name) or not holding:
                 continue
+            # a copy stored the way dest keeps its copies first (its bytes go as they are), then a plain one
+            wants = settings.encryption.applies_to(dest.name)
+            source = sorted(holding, key=lambda t: (entry.encrypted_on(t.name) != wants,
+                                                    entry.encrypted_on(t.name)))[0]
             try:
-                copy_backup(settings, entry, sources[0], dest, cancel)
+                how = copy_backup(settings, entry, source, dest, cancel)
             except Cancelled:
                 return report
             except (SidecarError, OSError) as exc:
-                line = f"{entry.id}: {sources[0].name} -> {dest.name}: {mask(str(exc)).splitlines()[0]}"
+                line = f"{entry.id}: {source.name} -> {dest.name}: {mask(str(exc)).splitlines()[0]}"
                 log.error("sync: %s", line)
                 report.errors.append(line)
                 continue
-            report.copied.append(f"{entry.id}: {sources[0].name} -> {dest.name}")
+            report.copied.append(f"{entry.id}: {source.name} -> {dest.name}" + (f" ({how})" if how else ""))
     for name, error in report.unavailable.items():
         log.warning("sync: %s cannot take copies now: %s", name, error)
     if report.copied:
@@ -98,40 +106,50 @@ def _kept(settings: Settings, entries: Sequence[Entry]) -> list[Entry]:
     return [e for e in good if e.id in keep]
 
 
-def copy_backup(settings: Settings, entry: Entry, source: Target, dest: Target, cancel: CancelToken) -> None:
-    """Stream one backup from ``source`` to ``dest``, re-hashed; publish it there only if it matches."""
+def copy_backup(settings: Settings, entry: Entry, source: Target, dest: Target, cancel: CancelToken) -> str | None:
+    """Stream one backup from ``source`` to ``dest``, re-hashed; publish it there only if it matches. A plain
+    copy bound for a target whose copies are encrypted (BACKUP_ENCRYPT_TARGETS) is encrypted on the way, to
+    today's recipients; an encrypted one is never decrypted (the sidecar holds no identity to back up).
+    Returns how the copy differs from its source ("encrypted", "kept encrypted"), or None."""
     key = entry.manifest_keys.get(source.name) or manifest_key_for_id(entry.id)
     try:
         manifest = Manifest.from_json(source.read_bytes(key))
     except ManifestError as exc:
         raise SidecarError(f"the manifest on {source.name} cannot be read: {exc}") from exc
+    encrypt = settings.encryption.applies_to(dest.name) and not manifest.encryption
+    how = "encrypted" if encrypt else None
+    if manifest.encryption and settings.encryption.on and not settings.encryption.applies_to(dest.name):
+        how = "kept encrypted"
+        log.info("sync: %s: the copy for %s stays encrypted, as on %s: sync never decrypts", entry.id, dest.name,
+                 source.name)
+    artifact = manifest.artifact + encryption.SUFFIX if encrypt else manifest.artifact
     budget = Budget.after(settings.dump.timeout_s, cancel)
     with budget.scope():
-        _clear_leftover(dest, manifest.artifact)
-        upload = dest.begin(manifest.artifact, size_hint=manifest.size_bytes)
-        digest, size = hashlib.sha256(), 0
+        _clear_leftover(dest, artifact)
+        upload = dest.begin(artifact, size_hint=manifest.size_bytes)
         try:
-            with source.open(manifest.artifact) as f:
-                while chunk := f.read(CHUNK):
-                    budget.check(f"the copy of {entry.id} to {dest.name}")
-                    digest.update(chunk)
-                    size += len(chunk)
-                    upload.write(chunk)
-            if size != manifest.size_bytes or digest.hexdigest() != manifest.sha256:
-                raise SidecarError(
-                    f"the copy on {source.name} does not match its manifest ({size} bytes, sha256 "
-                    f"{digest.hexdigest()[:16]}; the manifest says {manifest.size_bytes} bytes, "
-                    f"{(manifest.sha256 or '')[:16]}): nothing was copied",
-                    hint=f"run `backup-sidecar verify {entry.id}`; the copy on {source.name} is damaged")
-            stored = upload.commit(manifest.sha256)
+            if encrypt:
+                # stored_chunks holds the last chunk back until the source's size and SHA-256 matched
+                pumped = pump(stored_chunks(source, manifest), compressor("none", 0), [],
+                              lambda: budget.check(f"the copy of {entry.id} to {dest.name}"),
+                              settings.encryption.recipients, [upload])
+                assert pumped.encrypted is not None
+                size, sha256 = pumped.encrypted.size, pumped.encrypted.sha256
+            else:
+                size, sha256 = _copy_bytes(source, dest, manifest, upload, budget, entry.id)
+            stored = upload.commit(sha256)
         except BaseException:
             with Budget.after(CLEANUP_S, CancelToken(), "the cleanup budget").scope():  # also after a stop
                 upload.abort()
             raise
         doc = replace(manifest, target=dest.name, stored_checksum=stored, synced_from=source.name,
                       warnings=list(manifest.warnings))
+        if encrypt:
+            recipients = settings.encryption.recipients
+            doc = encryption.seal(replace(doc, artifact=artifact, size_bytes=size, sha256=sha256,
+                                          encryption=encryption.described(recipients)), recipients)
         try:
-            info = dest.stat(manifest.artifact)
+            info = dest.stat(artifact)
             if info is None or info.size != size:
                 raise TargetError(f"{dest.name}: the copied object is missing or has the wrong size "
                                   "(hint: check the target)")
@@ -141,11 +159,32 @@ def copy_backup(settings: Settings, entry: Entry, source: Target, dest: Target, 
                 dest.replace_bytes(key, doc.to_json())  # the failed manifest of the run that missed this target
         except BaseException:
             try:
-                dest.delete(manifest.artifact)
+                dest.delete(artifact)
             except TargetError as exc:
-                log.error("sync: cannot remove %s from %s after a failure: %s", manifest.artifact, dest.name, exc)
+                log.error("sync: cannot remove %s from %s after a failure: %s", artifact, dest.name, exc)
             raise
-    log.info("sync: %s copied from %s to %s (%d bytes, sha256 checked)", entry.id, source.name, dest.name, size)
+    log.info("sync: %s copied from %s to %s (%d bytes, sha256 checked%s)", entry.id, source.name, dest.name, size,
+             f", {how}" if how else "")
+    return how
+
+
+def _copy_bytes(source: Target, dest: Target, manifest: Manifest, upload: Upload, budget: Budget,
+                backup_id: str) -> tuple[int, str]:
+    """The stored bytes as they are, re-hashed: refused unless they match the source's manifest."""
+    digest, size = hashlib.sha256(), 0
+    with source.open(manifest.artifact) as f:
+        while chunk := f.read(CHUNK):
+            budget.check(f"the copy of {backup_id} to {dest.name}")
+            digest.update(chunk)
+            size += len(chunk)
+            upload.write(chunk)
+    if size != manifest.size_bytes or digest.hexdigest() != manifest.sha256:
+        raise SidecarError(
+            f"the copy on {source.name} does not match its manifest ({size} bytes, sha256 "
+            f"{digest.hexdigest()[:16]}; the manifest says {manifest.size_bytes} bytes, "
+            f"{(manifest.sha256 or '')[:16]}): nothing was copied",
+            hint=f"run `backup-sidecar verify {backup_id}`; the copy on {source.name} is damaged")
+    return size, digest.hexdigest()
 
 
 def _clear_leftover(dest: Target, artifact: str) -> None:

@@ -94,7 +94,8 @@ def _upload(settings: Settings, target: Target, name: str, chunks: Iterable[byte
     started = _now().replace(microsecond=0)
     upload = target.begin(key)
     try:
-        streamed = pump(chunks, compressor(compression, settings.dump.level), [upload])
+        streamed = pump(chunks, compressor(compression, settings.dump.level), [upload]).plain
+        assert streamed is not None
         upload.commit()
     except BaseException:
         upload.abort()

@@ -299,6 +299,43 @@ def test_one_target_failing_keeps_the_other_copy_good(failing: str, at: str, s3:
         assert doc["status"] == "failed" and doc["target"] == failing and f"at {at}" in doc["error"]
 
 
+@pytest.mark.parametrize("at", ["mid-stream", "commit"])
+@pytest.mark.parametrize("failing", ["nas", "s3"])
+def test_with_only_the_s3_copy_encrypted_one_target_failing_keeps_the_other_copy_good(
+        failing: str, at: str, s3: S3Server, bucket: str, tmp_path: Path) -> None:
+    """BACKUP_ENCRYPT_TARGETS=s3: two streams (plain for the NAS, age for S3) from one dump; either one failing
+    midway or at commit leaves the other's copy whole and checkable against its own manifest."""
+    import subprocess
+
+    key = tmp_path / "ops.key"
+    subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
+    public = subprocess.run(["age-keygen", "-y", str(key)], check=True, capture_output=True, text=True).stdout
+    nas = NasTarget(tmp_path / "nas", create=True)
+    s3t = S3Target(s3_settings(s3, bucket, part_size=None, part_memory=32 * MIB))
+    targets: list[Target] = [Faulty(nas, at) if failing == "nas" else nas, Faulty(s3t, at) if failing == "s3" else s3t]
+    settings = load_settings({"NAS_PATH": str(tmp_path / "nas"), "S3_BUCKET": bucket, "BACKUP_COMPRESSION": "none",
+                              "BACKUP_ENCRYPT_RECIPIENTS": public.strip(), "BACKUP_ENCRYPT_TARGETS": "s3"})
+    with pytest.raises(BackupFailed) as failed:
+        run_artifact(settings, targets, random_artifact(8 * MIB), CancelToken())
+    assert f"injected failure at {at}" in (failed.value.manifest.error or "")
+    healthy = next(t for t in targets if t.name != failing)
+    [entry] = load_catalog(targets).entries
+    assert entry.good and entry.copies == {healthy.name: True, failing: False}
+    m = entry.manifest_on(healthy.name)
+    assert m.artifact.endswith(".dump.age") == (healthy.name == "s3") and bool(m.encryption) == (healthy.name == "s3")
+    with healthy.open(m.artifact) as f:
+        data = f.read()
+    assert len(data) == m.size_bytes == (8 * MIB if healthy.name == "nas" else len(data))
+    assert hashlib.sha256(data).hexdigest() == m.sha256
+    if healthy.name == "s3":  # the ciphertext opens to the 8 MiB the dump wrote
+        opened = subprocess.run(["age", "-d", "-i", str(key)], input=data, capture_output=True, check=True).stdout
+        assert len(opened) == 8 * MIB and len(data) > 8 * MIB
+    sick = next(t for t in targets if t.name == failing)
+    [left] = [o.key for o in sick.list()]
+    doc = json.loads(sick.read_bytes(left))
+    assert doc["status"] == "failed" and doc["artifact"].endswith(".age") == (failing == "s3")
+
+
 def test_the_ok_policy_decides_the_outcome_never_the_copies(s3: S3Server, bucket: str, tmp_path: Path) -> None:
     nas = NasTarget(tmp_path / "nas", create=True)
     s3t = Faulty(S3Target(s3_settings(s3, bucket, part_size=None, part_memory=32 * MIB)), "commit")
