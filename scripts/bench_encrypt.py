@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """The cost of encryption at rest: backup-sidecar backup and restore with and without BACKUP_ENCRYPT_RECIPIENTS,
-on the same database and NAS directory in one run.
+on the same database and NAS directory in one run; then backups to a NAS directory and S3 (moto's server) with
+no copy, every copy, and only the S3 copy encrypted (BACKUP_ENCRYPT_TARGETS=s3: two stored streams at once).
 
     python scripts/bench_encrypt.py [--size-mb 500] [--repeat 2]
 
 Each method runs --repeat times, alternating; the fastest run is shown: wall seconds, CPU seconds of the
 sidecar and all its children (pg_dump, age, pg_restore; from wait4) and the sidecar's peak RSS. Target: the
-encrypted backup and restore at most 1.1x the wall time of the plain ones.
+encrypted backup and restore at most 1.1x the wall time of the plain ones, and the same for the backup with
+only the S3 copy encrypted.
 """
 
 from __future__ import annotations
@@ -20,7 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import PeakRss, bench_cluster, cluster_env, database_size, ensure_database, print_table, psql, sidecar_env
+from benchlib import (
+    PeakRss,
+    bench_cluster,
+    cluster_env,
+    database_size,
+    ensure_database,
+    print_table,
+    psql,
+    s3_server,
+    sidecar_env,
+)
 
 
 def run_cli(args: list[str], env: dict[str, str]) -> tuple[float, float, float]:
@@ -53,7 +65,7 @@ def main() -> int:
         subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
         public = subprocess.run(["age-keygen", "-y", str(key)], check=True, capture_output=True,
                                 text=True).stdout.strip()
-        with bench_cluster() as cluster:
+        with bench_cluster() as cluster, s3_server() as s3:
             print(f"preparing the {args.size_mb} MB database (reused between runs) ...", file=sys.stderr)
             db = ensure_database(cluster, args.size_mb)
             size = database_size(cluster, db)
@@ -71,6 +83,20 @@ def main() -> int:
                         ["restore", "latest", "--db", db, "--to-db", "bench_enc_dst", "--create", "--yes"], env))
                     shutil.rmtree(nas, ignore_errors=True)
             psql(cluster, "postgres", "DROP DATABASE IF EXISTS bench_enc_dst WITH (FORCE)")
+            client = s3.client()
+            two = {"nas+s3 plain": {}, "nas+s3 age": {"BACKUP_ENCRYPT_RECIPIENTS": public},
+                   "nas+s3 age s3 only": {"BACKUP_ENCRYPT_RECIPIENTS": public, "BACKUP_ENCRYPT_TARGETS": "s3"}}
+            for i in range(args.repeat):
+                for n, (mode, extra) in enumerate(two.items()):
+                    nas, bucket = work / f"nas2-{n}-{i}", f"bench-enc-{n}-{i}"
+                    nas.mkdir()
+                    client.make_bucket(bucket)
+                    env = {**base, **extra, "NAS_PATH": str(nas), **s3.env(bucket)}
+                    results.setdefault(f"backup {mode}", []).append(run_cli(["backup"], env))
+                    for obj in client.list_objects(bucket, recursive=True):  # moto holds objects in memory
+                        client.remove_object(bucket, obj.object_name)
+                    client.remove_bucket(bucket)
+                    shutil.rmtree(nas, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     best = {name: min(runs) for name, runs in results.items()}
@@ -82,6 +108,11 @@ def main() -> int:
     for step in ("backup", "restore"):
         (w0, c0, r0), (w1, c1, r1) = best[f"{step} plain"], best[f"{step} age"]
         rows.append((step, f"{w1 / w0:.2f}x", f"{c1 / c0:.2f}x", f"{r1 / r0:.2f}x", "<= 1.10x"))
+    (w0, c0, r0) = best["backup nas+s3 plain"]
+    for mode in ("nas+s3 age", "nas+s3 age s3 only"):
+        w1, c1, r1 = best[f"backup {mode}"]
+        rows.append((f"backup {mode.removeprefix('nas+s3 ')} (nas+s3)", f"{w1 / w0:.2f}x", f"{c1 / c0:.2f}x",
+                     f"{r1 / r0:.2f}x", "<= 1.10x"))
     print_table(["step", "wall age/plain", "CPU age/plain", "RSS age/plain", "target (wall)"], rows)
     return 0
 
