@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -28,7 +29,7 @@ from typing import Any
 from app import encryption, layout
 from app.cancel import CancelToken
 from app.compression import compressor
-from app.deadline import Budget, DeadlineExceeded
+from app.deadline import Budget, DeadlineExceeded, remaining
 from app.deadline import current as current_budget
 from app.errors import SidecarError
 from app.leases import Lease, LeaseLost
@@ -128,11 +129,16 @@ CHECK_S = 15.0
 
 class _Copy:
     """One target's copy in this run: its upload and what became of it. write() never raises a target's
-    failure: it records it and drops the copy, so the stream goes on for the others."""
+    failure: it records it and drops the copy, so the stream goes on for the others.
+
+    With encryption the plain copies are written on age's feeder thread, so a failed run may abort a copy
+    while a write to it is still in progress: ``lock`` makes the abort wait for that write (within the
+    cleanup budget), and a write after the abort finds no upload and is dropped."""
 
     def __init__(self, target: Target, encrypted: bool) -> None:
         self.target = target
         self.encrypted = encrypted  # BACKUP_ENCRYPT_TARGETS: this copy stores the ciphertext
+        self.lock = threading.RLock()
         self.upload: Upload | None = None
         self.error: str | None = None
         self.checked = False  # passed check(): only then may a failed manifest be written there
@@ -149,13 +155,14 @@ class _Copy:
             log.error("no copy on %s (%s): %s", self.target.name, self.target.describe(), self.error)
 
     def write(self, data: bytes) -> None:
-        if self.error is not None or self.upload is None:
-            return
-        try:
-            self.upload.write(data)
-        except TargetError as exc:
-            self.fail(exc)
-            _bounded_abort(self)
+        with self.lock:
+            if self.error is not None or self.upload is None:
+                return
+            try:
+                self.upload.write(data)
+            except TargetError as exc:
+                self.fail(exc)
+                _bounded_abort(self)
 
 
 class _Fanout:
@@ -225,8 +232,8 @@ class _Run:
                     f"{c.target.name}: {c.error}" for c in self.copies))
             with self.artifact.open_source() as (chunks, finish):
                 comp = compressor(m.compression, self.settings.dump.level)
-                plain = [c for c in self.copies if not c.encrypted]
-                sealed = [c for c in self.copies if c.encrypted]
+                plain = [c for c in self._alive() if not c.encrypted]
+                sealed = [c for c in self._alive() if c.encrypted]
                 pumped = pump(chunks, comp, [_Fanout(plain, self.copies)] if plain else [], self.check,
                               self.recipients, [_Fanout(sealed, self.copies)] if sealed else [])
                 m.warnings = finish()
@@ -240,9 +247,15 @@ class _Run:
             if pumped.plain is not None:
                 m.size_bytes, m.sha256 = pumped.plain.size, pumped.plain.sha256
             if pumped.encrypted is not None:  # table names and the database's properties are not for its readers
-                self.sealed = encryption.seal(replace(
-                    m, artifact=self.keys[True], encryption=encryption.described(self.recipients),
-                    size_bytes=pumped.encrypted.size, sha256=pumped.encrypted.sha256), self.recipients)
+                try:
+                    self.sealed = encryption.seal(replace(
+                        m, artifact=self.keys[True], encryption=encryption.described(self.recipients),
+                        size_bytes=pumped.encrypted.size, sha256=pumped.encrypted.sha256), self.recipients)
+                except encryption.EncryptionError as exc:  # costs the encrypted copies only, never a plain one
+                    for copy in self._alive():
+                        if copy.encrypted:
+                            copy.fail(exc)
+                            _bounded_abort(copy)
             for copy in self._alive():
                 self._publish(copy)
         except BaseException as exc:
@@ -405,8 +418,15 @@ def _stored_problem(target: Target, key: str, size: int) -> str | None:
 
 
 def _bounded_abort(copy: _Copy) -> None:
-    """Abort the copy's upload within the current budget (or a cleanup budget of its own)."""
-    upload, copy.upload = copy.upload, None
+    """Abort the copy's upload within the current budget (or a cleanup budget of its own), once no write to
+    it is in progress; a write stuck for longer leaves the upload to prune's cleanup of incomplete uploads."""
+    if not copy.lock.acquire(timeout=max(0.1, remaining(CLEANUP_S))):
+        log.error("a write to %s is still stuck: its upload is left for prune to clean up", copy.target.describe())
+        return
+    try:
+        upload, copy.upload = copy.upload, None
+    finally:
+        copy.lock.release()
     if upload is None:
         return
     if current_budget() is None or _out_of_time():

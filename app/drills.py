@@ -21,7 +21,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -77,6 +77,14 @@ class DrillRecord:
 
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n").encode()
+
+    def for_encrypted_copy(self) -> DrillRecord:
+        """The record as stored beside an encrypted copy: its differences name tables with their row counts,
+        which that copy's manifest seals, so they are counted there, not listed."""
+        if not self.problems:
+            return self
+        return replace(self, problems=[f"{len(self.problems)} difference(s), not listed beside an encrypted copy "
+                                       "(hint: the sidecar's log and the records beside plain copies list them)"])
 
 
 def same_server(a: DatabaseSettings, b: DatabaseSettings) -> bool:
@@ -226,7 +234,8 @@ def store(targets: Sequence[Target], entry: Entry, record: DrillRecord) -> list[
         if target.name not in entry.manifest_keys:
             continue
         try:
-            target.put_bytes(key, record.to_json())
+            stored = record.for_encrypted_copy() if entry.encrypted_on(target.name) else record
+            target.put_bytes(key, stored.to_json())
         except (TargetError, OSError) as exc:
             errors.append(f"the drill record could not be written to {target.name}: {mask(str(exc))}")
             log.error("%s", errors[-1])

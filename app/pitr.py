@@ -375,7 +375,7 @@ def restore_pitr(settings: Settings, targets: Sequence[Target], to_dir: Path, ta
     created = _check_dir(to_dir)
     try:
         log.info("restore-pitr: %s from %s into %s", base.id, base_source.describe(), to_dir)
-        _extract(base_source, base, to_dir)
+        _extract(base_source, entry.manifest_on(base_source.name), to_dir)
         _verifybackup(to_dir, _major(base.server_version))
         wal_bytes = _fetch_wal(files, holders, to_dir / "pg_wal")
         _write_recovery_settings(to_dir, base, target)

@@ -508,7 +508,10 @@ def _encryption(r: _Reader, nas: NasSettings | None, s3: S3Settings | None) -> E
     configured = [n for n, on in (("nas", nas), ("s3", s3)) if on is not None]
     names = [n.lower() for n in r.list("BACKUP_ENCRYPT_TARGETS", "all")] or ["all"]
     targets: tuple[str, ...] | None = None
-    if names != ["all"]:
+    if "all" in names and len(names) > 1:
+        r.problems.append(f"BACKUP_ENCRYPT_TARGETS={','.join(names)}: `all` stands alone (hint: all, or a comma "
+                          f"list of {', '.join(configured) or 'configured targets'})")
+    elif names != ["all"]:
         wrong = [n for n in names if n not in configured]
         if wrong:
             r.problems.append(

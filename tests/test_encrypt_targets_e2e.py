@@ -193,3 +193,31 @@ def test_encrypt_targets_must_name_configured_targets_and_needs_recipients(
     assert "BACKUP_ENCRYPT_TARGETS=s3: s3 is not a configured target" in wrong.stderr and "hint:" in wrong.stderr
     alone = cli.run("config", env={**env, "BACKUP_ENCRYPT_TARGETS": "nas"})
     assert alone.returncode == 2 and "without BACKUP_ENCRYPT_RECIPIENTS" in alone.stderr and "hint:" in alone.stderr
+
+
+def test_a_drill_record_beside_an_encrypted_copy_counts_its_differences_instead_of_naming_tables(
+        s3: S3Server, bucket: str, tmp_path: Path) -> None:
+    from test_targets_contract import random_artifact
+
+    from app.backup import run_artifact
+    from app.cancel import CancelToken
+    from app.catalog import load_catalog
+    from app.drills import DrillRecord, store
+    from app.settings import load_settings
+    from app.targets import make_targets
+
+    _, public = keypair(tmp_path, "ops")
+    (tmp_path / "nas").mkdir()
+    settings = load_settings({"NAS_PATH": str(tmp_path / "nas"), "NAS_REQUIRE_MOUNT": "false", **s3.env(bucket),
+                              "BACKUP_ENCRYPT_RECIPIENTS": public, "BACKUP_ENCRYPT_TARGETS": "s3"})
+    targets = make_targets(settings)
+    run_artifact(settings, targets, random_artifact(1024 * 1024), CancelToken())
+    [entry] = load_catalog(targets).entries
+    record = DrillRecord(entry.id, "app", "failed", "2026-12-03T00:00:00Z", problems=[
+        "public.payroll: 10 rows dumped, 9 restored"])
+    assert store(targets, entry, record) == []
+    [reloaded] = load_catalog(targets).entries
+    on_nas = json.loads(targets[0].read_bytes(reloaded.drill_keys["nas"][0]))
+    on_s3 = json.loads(targets[1].read_bytes(reloaded.drill_keys["s3"][0]))
+    assert on_nas["problems"] == ["public.payroll: 10 rows dumped, 9 restored"]
+    assert "payroll" not in json.dumps(on_s3) and on_s3["problems"][0].startswith("1 difference(s)")

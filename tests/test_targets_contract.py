@@ -408,3 +408,31 @@ def test_a_lease_lost_after_a_copy_was_published_is_a_warning_on_that_copy(s3: S
     assert entry.copies == {"nas": True, "s3": False}
     doc = json.loads(nas.read_bytes(entry.manifest_keys["nas"]))
     assert doc["status"] == "ok" and any("lease was lost after this copy was published" in w for w in doc["warnings"])
+
+
+def test_a_manifest_that_cannot_be_sealed_costs_the_encrypted_copy_only(
+        s3: S3Server, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """age refusing to seal the manifest (after the stream) fails the S3 copy; the plain NAS copy is published."""
+    import subprocess
+
+    from app import encryption
+
+    key = tmp_path / "ops.key"
+    subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
+    public = subprocess.run(["age-keygen", "-y", str(key)], check=True, capture_output=True, text=True).stdout
+    nas = NasTarget(tmp_path / "nas", create=True)
+    s3t = S3Target(s3_settings(s3, bucket, part_size=None, part_memory=32 * MIB))
+    settings = load_settings({"NAS_PATH": str(tmp_path / "nas"), "S3_BUCKET": bucket, "BACKUP_COMPRESSION": "none",
+                              "BACKUP_ENCRYPT_RECIPIENTS": public.strip(), "BACKUP_ENCRYPT_TARGETS": "s3"})
+
+    def refuse(m: object, recipients: object) -> object:
+        raise encryption.EncryptionError("age cannot seal the manifest: injected", hint="check the recipients")
+
+    monkeypatch.setattr(encryption, "seal", refuse)
+    with pytest.raises(BackupFailed) as failed:
+        run_artifact(settings, [nas, s3t], random_artifact(2 * MIB), CancelToken())
+    assert "no copy on s3: age cannot seal the manifest: injected" in (failed.value.manifest.error or "")
+    assert "the copy on nas is kept" in (failed.value.manifest.error or "")
+    [entry] = load_catalog([nas, s3t]).entries
+    assert entry.copies == {"nas": True, "s3": False}
+    assert [o.key for o in s3t.list() if not o.key.endswith(".manifest.json")] == []  # no ciphertext left behind
