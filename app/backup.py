@@ -319,9 +319,8 @@ class _Run:
             return self.manifest
         if self.sealed is not None:
             return self.sealed
-        # a run that failed before its stream ended: a failed manifest names no table and no property
-        return encryption.stripped(replace(self.manifest, artifact=self.keys[True],
-                                           encryption=encryption.described(self.recipients)))
+        # a run that failed before its stream ended (its failed manifests are stripped by _manifest_for)
+        return replace(self.manifest, artifact=self.keys[True], encryption=encryption.described(self.recipients))
 
     def _manifest_for(self, copy: _Copy, status: str) -> Manifest:
         m = self._stream(copy)

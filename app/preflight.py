@@ -352,8 +352,7 @@ def _encryption(settings: Settings) -> list[Finding]:
         else:
             which = ""
             if enc.targets is not None:
-                configured = [n for n, on in (("nas", settings.nas), ("s3", settings.s3)) if on is not None]
-                plain = [n for n in configured if n not in enc.targets]
+                plain = [n for n in settings.target_names if n not in enc.targets]
                 which = f"; copies on {', '.join(enc.targets)} only" + (
                     f", the copies on {', '.join(plain)} are not encrypted" if plain else "")
             found.append(Finding(OK, "encryption", f"age to {len(enc.recipients)} recipient(s): {prints}{which}"))

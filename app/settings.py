@@ -288,6 +288,11 @@ class Settings:
     wal: WalSettings = field(default_factory=WalSettings)
     encryption: EncryptionSettings = field(default_factory=EncryptionSettings)
 
+    @property
+    def target_names(self) -> list[str]:
+        """The configured targets by name (``nas``, ``s3``), in the order runs write them."""
+        return target_names(self.nas, self.s3)
+
     def secrets(self) -> list[str]:
         """Every secret value in force, for masking; longest first so overlapping values mask fully."""
         values = [
@@ -498,6 +503,11 @@ def load_settings(environ: Mapping[str, str] | None = None, env_file: str | None
     )
 
 
+def target_names(nas: NasSettings | None, s3: S3Settings | None) -> list[str]:
+    """The names of the targets configured (the names settings such as BACKUP_OK_POLICY take)."""
+    return [n for n, on in (("nas", nas), ("s3", s3)) if on is not None]
+
+
 def _encryption(r: _Reader, nas: NasSettings | None, s3: S3Settings | None) -> EncryptionSettings:
     """BACKUP_ENCRYPT_RECIPIENTS (or _FILE, an age recipients file), BACKUP_ENCRYPT_TARGETS and AGE_IDENTITY_FILE."""
     name = "BACKUP_ENCRYPT_RECIPIENTS"
@@ -505,7 +515,7 @@ def _encryption(r: _Reader, nas: NasSettings | None, s3: S3Settings | None) -> E
     recipients, problems = parse_recipients(r.raw("BACKUP_ENCRYPT_RECIPIENTS") or "", where)
     r.problems.extend(problems)
     identity = r.str("AGE_IDENTITY_FILE")
-    configured = [n for n, on in (("nas", nas), ("s3", s3)) if on is not None]
+    configured = target_names(nas, s3)
     names = [n.lower() for n in r.list("BACKUP_ENCRYPT_TARGETS", "all")] or ["all"]
     targets: tuple[str, ...] | None = None
     if "all" in names and len(names) > 1:
@@ -980,7 +990,7 @@ def _ok_policy(r: _Reader, dump: DumpSettings, nas: NasSettings | None, s3: S3Se
     from dataclasses import replace
 
     names = [n.lower() for n in r.list("BACKUP_OK_POLICY", "all")] or ["all"]
-    configured = [n for n, on in (("nas", nas), ("s3", s3)) if on is not None]
+    configured = target_names(nas, s3)
     if names in (["all"], ["any"]):
         return replace(dump, ok_policy=tuple(names))
     wrong = [n for n in names if n not in configured]

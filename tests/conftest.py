@@ -211,6 +211,21 @@ class Cli:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+#: a row value the encryption tests look for in stored bytes: found in a plain copy, never in an encrypted one
+SECRET_ROW = "canary-row-7f3a9c-do-not-leak"
+
+
+@pytest.fixture
+def secret_db(pg: PgServer) -> str:
+    """A database with SECRET_ROW in 2000 rows of public.secrets and a comment that must not leak either."""
+    name = pg.create_db()
+    with pg.connect(name) as conn:
+        conn.execute("CREATE TABLE secrets (id int PRIMARY KEY, value text NOT NULL)")
+        conn.execute("INSERT INTO secrets SELECT g, %s || g FROM generate_series(1, 2000) g", (SECRET_ROW,))
+        conn.execute(f"COMMENT ON DATABASE {name} IS 'payroll of the Lisbon office'")
+    return name
+
+
 @pytest.fixture
 def cli(tmp_path: Path) -> Cli:
     return Cli(tmp_path)

@@ -13,23 +13,12 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
 import zstandard
-from conftest import Cli, PgServer, S3Server
+from conftest import SECRET_ROW, Cli, PgServer, S3Server
 from tcp_proxy import TcpProxy
-from test_encryption_e2e import SECRET_ROW, db_comment, keypair, manifests, rows
+from test_encryption_e2e import db_comment, keypair, manifests, rows
 
 from app.encryption import fingerprint
-
-
-@pytest.fixture
-def secret_db(pg: PgServer) -> str:
-    name = pg.create_db()
-    with pg.connect(name) as conn:
-        conn.execute("CREATE TABLE secrets (id int PRIMARY KEY, value text NOT NULL)")
-        conn.execute("INSERT INTO secrets SELECT g, %s || g FROM generate_series(1, 2000) g", (SECRET_ROW,))
-        conn.execute(f"COMMENT ON DATABASE {name} IS 'payroll of the Lisbon office'")
-    return name
 
 
 def s3_manifests(s3: S3Server, bucket: str) -> list[dict]:

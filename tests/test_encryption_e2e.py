@@ -13,12 +13,9 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
-import pytest
-from conftest import CANARY, Cli, MariaDb, PgServer, S3Server, require_tool
+from conftest import CANARY, SECRET_ROW, Cli, MariaDb, PgServer, S3Server, require_tool
 
 from app.encryption import fingerprint, parse_recipients
-
-SECRET_ROW = "canary-row-7f3a9c-do-not-leak"
 
 
 def keypair(tmp_path: Path, name: str) -> tuple[Path, str]:
@@ -31,16 +28,6 @@ def keypair(tmp_path: Path, name: str) -> tuple[Path, str]:
 
 def manifests(nas: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(nas.rglob("*.manifest.json"))]
-
-
-@pytest.fixture
-def secret_db(pg: PgServer) -> str:
-    name = pg.create_db()
-    with pg.connect(name) as conn:
-        conn.execute("CREATE TABLE secrets (id int PRIMARY KEY, value text NOT NULL)")
-        conn.execute("INSERT INTO secrets SELECT g, %s || g FROM generate_series(1, 2000) g", (SECRET_ROW,))
-        conn.execute(f"COMMENT ON DATABASE {name} IS 'payroll of the Lisbon office'")
-    return name
 
 
 def db_comment(pg: PgServer, db: str) -> str | None:
