@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import CANARY, Cli, PgServer, require_tool, start_cluster
+from conftest import CANARY, Cli, PgServer, S3Server, require_tool, start_cluster
 from realistic import WIDE_TABLES, build_world, fingerprint, memberships, roles, sort_order
 
 from app.layout import manifest_key_for_id
@@ -269,3 +269,33 @@ def test_an_encrypted_backup_by_backup_user_restores_owners_grants_and_propertie
     assert got.tables == want.tables and got.schema == want.schema and got.lobs == want.lobs  # type: ignore[attr-defined]
     assert got.props == want.props  # type: ignore[attr-defined]
     world.source.drop_db(copy)
+
+
+def test_only_the_s3_copy_encrypted_by_backup_user_and_each_copy_restores_whole(
+        world: World, cli: Cli, s3: S3Server, bucket: str, tmp_path: Path) -> None:
+    """BACKUP_ENCRYPT_TARGETS=s3 as operators run it: backup_user backs up shop (objects owned by app_owner,
+    grants, row-level security, large objects, extensions, database properties) to a plain NAS copy and an
+    encrypted S3 copy; each copy comes back whole on its own: the NAS one with no key, the S3 one with the
+    identity."""
+    keygen = require_tool("age-keygen", "age")
+    key = tmp_path / "ops.key"
+    subprocess.run([keygen, "-o", str(key)], check=True, capture_output=True)
+    public = subprocess.run([keygen, "-y", str(key)], check=True, capture_output=True, text=True).stdout.strip()
+    nas = tmp_path / "nas-mixed"
+    nas.mkdir()
+    env = {**world.env, "POSTGRES_DB": "shop", "NAS_PATH": str(nas), "BACKUP_GLOBALS": "false", **s3.env(bucket),
+           "BACKUP_ENCRYPT_RECIPIENTS": public, "BACKUP_ENCRYPT_TARGETS": "s3"}
+    made = cli.run("backup", env=env, check=True)
+    assert CANARY not in made.stdout + made.stderr
+    [on_s3] = [json.loads(s3.client.get_object(bucket, k).read()) for k in s3.keys(bucket)
+               if k.endswith(".manifest.json")]
+    assert on_s3["sealed"] and "app_owner" not in json.dumps(on_s3) and "sales.customers" not in json.dumps(on_s3)
+    want = world.prints["shop"]
+    for source, extra in (("nas", {}), ("s3", {"AGE_IDENTITY_FILE": str(key)})):
+        copy = f"shop_from_{source}"
+        cli.run("restore", "latest", "--db", "shop", "--to-db", copy, "--create", "--from", source, "--yes",
+                check=True, env={**env, "POSTGRES_USER": "postgres", **extra})
+        got = fingerprint(world.source, copy)
+        assert got.tables == want.tables and got.schema == want.schema and got.lobs == want.lobs  # type: ignore[attr-defined]
+        assert got.matviews == want.matviews and got.props == want.props  # type: ignore[attr-defined]
+        world.source.drop_db(copy)
